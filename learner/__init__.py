@@ -1,0 +1,1 @@
+"""finemem learner package."""

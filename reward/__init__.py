@@ -1,0 +1,1 @@
+"""finemem reward package."""

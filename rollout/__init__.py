@@ -1,0 +1,1 @@
+"""finemem rollout package."""

@@ -1,0 +1,311 @@
+"""Typed configuration: dataclass schemas, OmegaConf YAML files under `conf/`, `key=value` overrides.
+
+Resolution order (later wins): the dataclass defaults, `conf/defaults.yaml` (whose `defaults:` list
+names one file per group, e.g. `model: tiny` -> `conf/model/tiny.yaml`), an experiment preset
+(`experiment=<name>` -> `conf/experiment/<name>.yaml`), then command-line `key=value` overrides.
+A group can be switched on the command line (`cluster=qwen3_4b_8gpu`). Everything is merged into
+the structured schema, so an unknown key or a value of the wrong type fails with the key's name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+GROUPS = ("model", "data", "reward", "cluster")
+
+
+def conf_dir() -> Path:
+    """The `conf/` folder: $FINEMEM_CONF, else the repository's `conf/` beside `src/`."""
+    env = os.environ.get("FINEMEM_CONF")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass
+class RunConfig:
+    name: str = "finemem"
+    out_dir: str = "runs"
+    seed: int = 0
+    resume: str | None = None  # a run directory to continue
+    log_every: int = 1
+
+
+@dataclass
+class ModelConfig:
+    path: str = "artifacts/tiny-model"  # a local Hugging Face folder (tokenizer + weights)
+    name: str = "tiny"
+    dtype: str = "float32"  # vLLM / learner dtype: float32 | bfloat16
+    tool_format: str = "hermes"  # hermes (<tool_call>{json}</tool_call>) | memalpha (✿FUNCTION✿)
+    enable_thinking: bool = False
+    max_model_len: int = 2048
+    # `finemem model init` (the locally built policy)
+    init_hidden_size: int = 256
+    init_layers: int = 4
+    init_heads: int = 4
+    init_kv_heads: int = 2
+    init_head_dim: int = 64
+    init_intermediate_size: int = 688
+    init_vocab_size: int = 8192
+    init_tokenizer_texts: int = 4000  # synthetic documents used to train the BPE tokenizer
+    init_seed: int = 0
+
+
+@dataclass
+class MemoryConfig:
+    kind: str = "flat"  # flat (Fine-Mem) | memalpha (core/semantic/episodic)
+    window: int = 20  # most recent items shown in the prompt (W)
+    prompt_budget: int = 1536  # prompt tokens; the memory window shrinks to fit
+    core_max_tokens: int = 512  # Mem-alpha core memory limit
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "artifacts/data/train.jsonl"
+    eval_path: str = "artifacts/data/eval.jsonl"
+    format: str = "auto"  # auto | jsonl | memalpha | mab
+    chunk_tokens: int = 512  # MemoryAgentBench sentence packing budget
+    skip_bad_rows: bool = False
+    max_instances: int | None = None
+    # synthetic generator knobs (`finemem data synth`)
+    synth_train_instances: int = 256
+    synth_eval_instances: int = 64
+    synth_train_seed: int = 1
+    synth_eval_seed: int = 100001
+    synth_min_chunks: int = 4
+    synth_max_chunks: int = 6
+    synth_facts_per_chunk: int = 2
+    synth_distractors_per_chunk: int = 2
+    synth_update_prob: float = 0.3
+    synth_questions_per_instance: int = 6
+    chunk_qa_per_chunk: int = 5
+
+
+@dataclass
+class RetrievalConfig:
+    top_k: int = 2
+
+
+@dataclass
+class AnswererConfig:
+    kind: str = "evidence"  # evidence (CPU default, no LLM) | openai
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "Qwen/Qwen3-32B"
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.1
+    max_tokens: int = 128
+    concurrency: int = 32
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    backoff_s: float = 0.5
+    failure_scores_zero: bool = False  # if True a request that still fails scores 0 instead of raising
+    disable_thinking: bool = True
+
+
+@dataclass
+class RewardConfig:
+    preset: str = "finemem"  # finemem | outcome_only | csr_only | eara_only | memalpha
+    beta: float = 0.5  # EARA mix
+    global_question_fraction: float = 0.2
+    chunk_weight: float = 0.5
+    compression_weight: float = 0.05
+    content_weight: float = 0.1  # Mem-alpha content judge
+    skip_format_score: float = 1.0  # Fine-Mem (ours) 1.0; Mem-alpha 0.0
+    metric: str = "auto"  # auto (by data_source) | substring | mab
+    num_actors: int = 2
+    answerer: AnswererConfig = field(default_factory=AnswererConfig)
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 1
+    group_size: int = 4  # G
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_response_tokens: int = 192
+    kv_cache_bytes: int = 256 * 1024 * 1024
+    max_concurrent_episodes: int = 64
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    engine_seed: int = 0
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "step_group"  # step_group | pooled | outcome
+    norm: str = "std"  # std | mean
+    epsilon: float = 1e-6
+    reward_to_go: bool = False
+    clip: float = 0.2
+    kl_coef: float = 0.001
+    ppo_epochs: int = 1
+    max_staleness: int = 1  # policy versions a sample may lag behind the learner
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1
+    zero_stage: int = 2
+    lr: float = 1e-6
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 4096
+    instances_per_step: int = 32
+    total_steps: int = 100
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    use_reference: bool = True
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    address: str | None = None  # None: start a local Ray; "auto" or ray://... to join one
+    num_cpus: int | None = None
+    num_gpus: int = 0
+    learner_gpus: int = 0
+    rollout_gpus: int = 0
+    answerer_gpus: int = 0
+    answerer_serve: bool = False  # start `vllm serve` for the answerer inside the job
+    answerer_port: int = 8000
+    answerer_tensor_parallel: int = 1
+
+
+@dataclass
+class SFTConfig:
+    teacher_miss_fact: float = 0.35
+    teacher_store_distractor: float = 0.2
+    teacher_miss_update: float = 0.5
+    teacher_verbose: float = 0.1
+    instances: int = 400
+    epochs: int = 3
+    lr: float = 2e-3
+    batch_size: int = 16
+    eval_instances: int = 16
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled (online only when the user asks)
+    project: str = "finemem"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FineMemConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded; the message names the key and what to change."""
+
+
+def _load_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from e
+
+
+def _merge(base, other, where: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{where}: bad config key '{key}': {first_line}") from e
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: str | Path | None = None) -> FineMemConfig:
+    """Resolve the full config; returns a typed `FineMemConfig` (an OmegaConf structured object)."""
+    cdir = Path(config_dir) if config_dir else conf_dir()
+    schema = OmegaConf.structured(FineMemConfig)
+    group_choice: dict[str, str] = {}
+    experiment: str | None = None
+    plain: list[str] = []
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' is not of the form key=value")
+        key, value = ov.split("=", 1)
+        if key in GROUPS:
+            group_choice[key] = value
+        elif key == "experiment":
+            experiment = value
+        else:
+            plain.append(ov)
+
+    cfg = schema
+    defaults_path = cdir / "defaults.yaml"
+    if defaults_path.is_file():
+        raw = _load_yaml(defaults_path)
+        chosen = {}
+        for entry in raw.get("defaults", []) or []:
+            for g, name in dict(entry).items():
+                chosen[str(g)] = str(name)
+        chosen.update(group_choice)
+        body = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "defaults"])
+        for g, name in chosen.items():
+            if g not in GROUPS:
+                raise ConfigError(f"{defaults_path}: unknown config group '{g}' (groups: {', '.join(GROUPS)})")
+            gpath = cdir / g / f"{name}.yaml"
+            if not gpath.is_file():
+                options = sorted(p.stem for p in (cdir / g).glob("*.yaml"))
+                raise ConfigError(f"{g}={name}: no file {gpath} (choose one of: {', '.join(options)})")
+            cfg = _merge(cfg, _load_yaml(gpath), str(gpath))
+        cfg = _merge(cfg, body, str(defaults_path))
+    elif group_choice:
+        raise ConfigError(f"group overrides {group_choice} need {defaults_path}")
+    if experiment:
+        epath = cdir / "experiment" / f"{experiment}.yaml"
+        if not epath.is_file():
+            options = sorted(p.stem for p in (cdir / "experiment").glob("*.yaml"))
+            raise ConfigError(f"experiment={experiment}: no file {epath} (choose one of: {', '.join(options)})")
+        cfg = _merge(cfg, _load_yaml(epath), str(epath))
+    if plain:
+        try:
+            dotlist = OmegaConf.from_dotlist(plain)
+        except Exception as e:
+            raise ConfigError(f"cannot parse overrides {plain}: {e}") from e
+        cfg = _merge(cfg, dotlist, "command line")
+    return cfg  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))
+
+
+def from_yaml_file(path: str | Path) -> FineMemConfig:
+    """Load a resolved config saved in a run directory (for resume), validated against the schema."""
+    return _merge(OmegaConf.structured(FineMemConfig), _load_yaml(Path(path)), str(path))
