@@ -120,6 +120,8 @@ class RewardConfig:
     metric: str = "auto"  # auto (by data_source) | substring | mab
     num_actors: int = 2
     answerer: AnswererConfig = field(default_factory=AnswererConfig)
+    chunk_qa_metric: str = "substring_exact_match"  # chunk QA are factoids, whatever the data source (ours)
+    actor_num_cpus: float = 0.5  # Ray CPUs per reward actor
 
 
 @dataclass
@@ -135,6 +137,8 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = True
     engine_seed: int = 0
+    actor_num_cpus: float = 1.0  # Ray CPUs reserved per rollout actor
+    weight_transport: str = "auto"  # auto (nccl with CUDA, else object_store) | object_store | nccl
 
 
 @dataclass
@@ -155,6 +159,7 @@ class LearnerConfig:
     zero_stage: int = 2
     lr: float = 1e-6
     warmup_ratio: float = 0.05
+    lr_schedule: str = "constant"  # after the linear warm-up: constant | cosine (to 0 at total_steps)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096
@@ -164,6 +169,24 @@ class LearnerConfig:
     keep_checkpoints: int = 2
     use_reference: bool = True
     gradient_checkpointing: bool = False
+    actor_num_cpus: float = 1.0  # Ray CPUs reserved per learner rank
+
+
+@dataclass
+class ChunkQAConfig:
+    """`finemem data chunk-qa`: generator and verifier endpoints (possibly the same server).
+
+    K (pairs kept per chunk) is `data.chunk_qa_per_chunk`."""
+
+    generator: AnswererConfig = field(
+        default_factory=lambda: AnswererConfig(kind="openai", temperature=0.7, max_tokens=1024)
+    )
+    verifier: AnswererConfig = field(default_factory=lambda: AnswererConfig(kind="openai", temperature=0.0))
+    max_proposals: int = 10  # pairs asked from the generator per call
+    max_rounds: int = 2  # generator calls per chunk while fewer than K pairs survive
+    cache_path: str = "artifacts/cache/chunk_qa.jsonl"  # resumable: one line per chunk, keyed by chunk hash
+    verify_metric: str = "substring_exact_match"
+    concurrency: int = 8  # chunks in flight
 
 
 @dataclass
@@ -194,6 +217,17 @@ class SFTConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation: all questions of each instance, answered from the final memory."""
+
+    instances: int = 32  # first N of data.eval_path (0 = all)
+    samples_per_instance: int = 2  # episodes per instance (their mean is reported)
+    temperature: float = 1.0  # the policy's sampling temperature during evaluation (0 = greedy)
+    before_training: bool = True
+    after_training: bool = True
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled (online only when the user asks)
     project: str = "finemem"
@@ -214,7 +248,9 @@ class FineMemConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    chunk_qa: ChunkQAConfig = field(default_factory=ChunkQAConfig)
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,346 @@
+"""The reasoning agent (frozen): answers a question from retrieved memory items.
+
+One interface serves chunk QA, global QA and evaluation:
+
+    answer = await answerer.answer(question, evidence_items, episode_id=...)
+
+- `EvidenceReader` (CPU default, no LLM): the answer is the text of the evidence items, so with
+  substring metrics a question scores 1 exactly when a gold alias is in the top-k evidence.
+- `OpenAIChatAnswerer`: any OpenAI-compatible `/chat/completions` endpoint (`vllm serve` of
+  Qwen3-32B on the cluster, or a hosted API), with a concurrency limit, bounded retries with
+  exponential backoff, per-request timeouts, and metrics. It also provides the LLM yes/no judge
+  (LongMemEval-style sources) and Mem-alpha's memory-content judge through the same client.
+
+A request that still fails after its retries raises `AnswererError` carrying the episode id; the
+scorer scores it 0 only when `reward.answerer.failure_scores_zero` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from finemem.config import AnswererConfig, ConfigError
+from finemem.records import MemoryItem
+
+ANSWER_SYSTEM = (
+    "You answer questions using only the memory entries given. "
+    "Reply with the answer only: a short phrase, no explanation. "
+    "If the memory does not contain the answer, reply with your best guess."
+)
+JUDGE_SYSTEM = (
+    "You are grading an answer. Given a question, the correct answer and a response, "
+    "reply 'yes' if the response contains the correct answer or is equivalent to it, otherwise 'no'. "
+    "Reply with one word: yes or no."
+)
+CONTENT_JUDGE_SYSTEM = (
+    "You are grading a memory entry written while reading a text chunk. Reply 'yes' if the entry "
+    "states information that is in the chunk, correctly and concisely, and is worth remembering; "
+    "otherwise 'no'. Reply with one word: yes or no."
+)
+_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+class AnswererError(RuntimeError):
+    """A request that failed after every retry (or a non-retryable error)."""
+
+    def __init__(self, message: str, episode_id: str | None = None, attempts: int = 0) -> None:
+        where = f"episode {episode_id}: " if episode_id else ""
+        super().__init__(f"{where}{message}")
+        self.episode_id = episode_id
+        self.attempts = attempts
+
+    def __reduce__(self):  # keep the fields when Ray pickles the exception across processes
+        return (_rebuild_answerer_error, (self.args[0], self.episode_id, self.attempts))
+
+
+def _rebuild_answerer_error(text: str, episode_id: str | None, attempts: int) -> AnswererError:
+    err = AnswererError("", None, attempts)
+    err.args = (text,)
+    err.episode_id = episode_id
+    return err
+
+
+@runtime_checkable
+class Answerer(Protocol):
+    """What the scorer needs from a reasoning agent."""
+
+    is_llm: bool
+
+    async def answer(
+        self, question: str, evidence: list[MemoryItem], *, episode_id: str | None = None
+    ) -> str: ...
+
+    async def judge(
+        self, question: str, prediction: str, golds: Sequence[str], *, episode_id: str | None = None
+    ) -> bool: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    async def close(self) -> None: ...
+
+
+def format_evidence(evidence: Sequence[MemoryItem]) -> str:
+    """Memory items as the prompt shows them: `[id] content` lines."""
+    if not evidence:
+        return "(no memory entries)"
+    return "\n".join(f"[{m.id}] {m.content}" for m in evidence)
+
+
+def answer_messages(question: str, evidence: Sequence[MemoryItem]) -> list[dict[str, str]]:
+    """The chat prompt for answering `question` from `evidence`."""
+    user = f"Memory:\n{format_evidence(evidence)}\n\nQuestion: {question}\nAnswer:"
+    return [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": user}]
+
+
+def judge_messages(question: str, prediction: str, golds: Sequence[str]) -> list[dict[str, str]]:
+    """The chat prompt of the yes/no answer judge (LongMemEval style)."""
+    gold = " | ".join(golds)
+    user = f"Question: {question}\nCorrect answer: {gold}\nResponse: {prediction}\n\nIs the response correct?"
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def content_judge_messages(chunk: str, content: str) -> list[dict[str, str]]:
+    """The chat prompt of Mem-alpha's memory-content judge."""
+    user = f"Chunk:\n{chunk}\n\nMemory entry:\n{content}\n\nIs this a good memory entry for the chunk?"
+    return [{"role": "system", "content": CONTENT_JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """True for a reply starting with yes, False for no, None otherwise."""
+    words = re.findall(r"[a-z]+", text.lower())
+    if not words:
+        return None
+    if words[0] == "yes":
+        return True
+    if words[0] == "no":
+        return False
+    return None
+
+
+class EvidenceReader:
+    """The CPU answerer: no LLM; the answer is the retrieved evidence text itself.
+
+    Its `judge` is a proxy (no LLM): yes when a gold alias, lowercased, is a substring of the
+    lowercased prediction. Mem-alpha's content judge needs an LLM and is not available here.
+    """
+
+    is_llm = False
+
+    def __init__(self) -> None:
+        self._calls = 0
+
+    async def answer(
+        self, question: str, evidence: list[MemoryItem], *, episode_id: str | None = None
+    ) -> str:
+        self._calls += 1
+        return "\n".join(m.content for m in evidence)
+
+    async def judge(
+        self, question: str, prediction: str, golds: Sequence[str], *, episode_id: str | None = None
+    ) -> bool:
+        pred = prediction.lower()
+        return any(g.strip() and g.strip().lower() in pred for g in golds)
+
+    def metrics(self) -> dict[str, float]:
+        return {"answer_calls": float(self._calls)}
+
+    async def close(self) -> None:
+        return None
+
+
+class _RetryableError(Exception):
+    """A failure worth retrying; `kind` is its metrics bucket."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class OpenAIChatAnswerer:
+    """An OpenAI-compatible chat client used as answerer and judge.
+
+    Retries (with backoff `backoff_s * 2**attempt`, plus up to 10% jitter) on connection errors,
+    timeouts, HTTP 429 and 5xx, and malformed responses; other HTTP errors (400, 401, 404) fail at
+    once. The aiohttp session is bound to the running event loop and re-created when the loop
+    changes, so one answerer can serve several `asyncio.run` calls (call `close()` at the end of
+    each loop to release its connections).
+    """
+
+    is_llm = True
+
+    def __init__(self, cfg: AnswererConfig) -> None:
+        self.base_url = str(cfg.base_url).rstrip("/")
+        self.model = str(cfg.model)
+        self.temperature = float(cfg.temperature)
+        self.max_tokens = int(cfg.max_tokens)
+        self.concurrency = int(cfg.concurrency)
+        self.timeout_s = float(cfg.timeout_s)
+        self.max_retries = int(cfg.max_retries)
+        self.backoff_s = float(cfg.backoff_s)
+        self.disable_thinking = bool(cfg.disable_thinking)
+        self.api_key = os.environ.get(str(cfg.api_key_env), "") if cfg.api_key_env else ""
+        if self.concurrency < 1:
+            raise ConfigError(f"answerer concurrency must be >= 1, got {self.concurrency}")
+        if self.max_retries < 0:
+            raise ConfigError(f"answerer max_retries must be >= 0, got {self.max_retries}")
+        self._session: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._counts: Counter[str] = Counter()
+        self._latency_sum = 0.0
+        self._latency_max = 0.0
+
+    # ------------------------------------------------------------------ public API
+    async def answer(
+        self, question: str, evidence: list[MemoryItem], *, episode_id: str | None = None
+    ) -> str:
+        return await self.chat(answer_messages(question, evidence), episode_id=episode_id)
+
+    async def judge(
+        self, question: str, prediction: str, golds: Sequence[str], *, episode_id: str | None = None
+    ) -> bool:
+        """LLM yes/no judge; an unparsable verdict counts as "no" (and is counted in metrics)."""
+        reply = await self.chat(
+            judge_messages(question, prediction, golds), episode_id=episode_id, max_tokens=8
+        )
+        verdict = parse_yes_no(reply)
+        if verdict is None:
+            self._counts["judge_unparsed"] += 1
+        return bool(verdict)
+
+    async def judge_content(self, chunk: str, content: str, *, episode_id: str | None = None) -> bool:
+        """Mem-alpha's memory-content judge for one insert/update."""
+        reply = await self.chat(content_judge_messages(chunk, content), episode_id=episode_id, max_tokens=8)
+        verdict = parse_yes_no(reply)
+        if verdict is None:
+            self._counts["judge_unparsed"] += 1
+        return bool(verdict)
+
+    async def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        episode_id: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> str:
+        """One chat completion's text (thinking blocks removed), with retries."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature if temperature is None else temperature,
+            "max_tokens": self.max_tokens if max_tokens is None else max_tokens,
+        }
+        if self.disable_thinking:
+            body["chat_template_kwargs"] = {"enable_thinking": False}
+        session, sem = self._session_and_semaphore()
+        last = "no attempt"
+        attempts = 0
+        for attempt in range(self.max_retries + 1):
+            attempts = attempt + 1
+            if attempt:
+                self._counts["retries"] += 1
+                delay = self.backoff_s * (2 ** (attempt - 1))
+                await asyncio.sleep(delay * (1.0 + 0.1 * random.random()))
+            async with sem:
+                try:
+                    return await self._post(session, body)
+                except _RetryableError as e:
+                    self._counts[f"error_{e.kind}"] += 1
+                    last = f"{e.kind}: {e}"
+                except AnswererError as e:  # not retryable
+                    self._counts["failures"] += 1
+                    raise AnswererError(str(e), episode_id, attempts) from None
+        self._counts["failures"] += 1
+        raise AnswererError(
+            f"{self.base_url}/chat/completions failed after {attempts} attempts (last: {last})",
+            episode_id,
+            attempts,
+        )
+
+    def metrics(self) -> dict[str, float]:
+        ok = self._counts["successes"]
+        out = {k: float(v) for k, v in self._counts.items()}
+        for key in ("requests", "successes", "failures", "retries", "prompt_tokens", "completion_tokens"):
+            out.setdefault(key, 0.0)
+        out["latency_mean_s"] = self._latency_sum / ok if ok else 0.0
+        out["latency_max_s"] = self._latency_max
+        return out
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+        self._loop = None
+        self._sem = None
+
+    # ------------------------------------------------------------------ internals
+    def _session_and_semaphore(self):
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop or self._session.closed:
+            headers = {"Content-Type": "application/json"}
+            if self.api_key:
+                headers["Authorization"] = f"Bearer {self.api_key}"
+            self._session = aiohttp.ClientSession(
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                connector=aiohttp.TCPConnector(limit=self.concurrency),
+            )
+            self._loop = loop
+            self._sem = asyncio.Semaphore(self.concurrency)
+        return self._session, self._sem
+
+    async def _post(self, session, body: dict[str, Any]) -> str:
+        import aiohttp
+
+        self._counts["requests"] += 1
+        start = time.perf_counter()
+        try:
+            async with session.post(f"{self.base_url}/chat/completions", json=body) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except asyncio.TimeoutError:
+            raise _RetryableError("timeout", f"no response within {self.timeout_s:g} s") from None
+        except aiohttp.ClientError as e:
+            raise _RetryableError("connection", f"{type(e).__name__}: {e}") from None
+        if status == 429 or status >= 500:
+            raise _RetryableError(f"http_{status}", raw[:200].decode("utf-8", "replace"))
+        if status != 200:
+            raise AnswererError(f"HTTP {status} from {self.base_url}: {raw[:300].decode('utf-8', 'replace')}")
+        try:
+            data = json.loads(raw)
+            content = data["choices"][0]["message"]["content"]
+            if not isinstance(content, str):
+                raise TypeError(f"message content is {type(content).__name__}")
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _RetryableError("malformed", f"bad response body ({e}): {raw[:200]!r}") from None
+        elapsed = time.perf_counter() - start
+        self._counts["successes"] += 1
+        self._latency_sum += elapsed
+        self._latency_max = max(self._latency_max, elapsed)
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict):
+            for key in ("prompt_tokens", "completion_tokens"):
+                if isinstance(usage.get(key), int):
+                    self._counts[key] += usage[key]
+        return _THINK_RE.sub("", content).strip()
+
+
+def make_answerer(cfg: AnswererConfig) -> EvidenceReader | OpenAIChatAnswerer:
+    """The answerer named by `reward.answerer.kind`: evidence | openai."""
+    kind = str(cfg.kind)
+    if kind == "evidence":
+        return EvidenceReader()
+    if kind == "openai":
+        return OpenAIChatAnswerer(cfg)
+    raise ConfigError(f"reward.answerer.kind={kind!r} is unknown (choose one of: evidence, openai)")

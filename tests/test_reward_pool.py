@@ -1,0 +1,145 @@
+"""The reward actor pool on a real local Ray: results match local scoring, each episode is returned
+exactly once, a killed actor is replaced and its episode re-scored, scoring errors name the episode.
+
+Heavy (starts Ray): `flock /tmp/finemem-heavy.lock .venv/bin/python -m pytest tests/test_reward_pool.py`.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from finemem.config import load_config
+from finemem.data.synth import generate_instances
+from finemem.records import Episode, StepSample
+from finemem.teacher import TeacherNoise, run_teacher_episode
+from reward.answerers import EvidenceReader
+from reward.scorer import score_episode
+
+
+def teacher_episodes(n: int, seed: int = 3) -> list[Episode]:
+    """Episodes of the noisy scripted teacher on synthetic instances (two rollouts per instance)."""
+    noise = TeacherNoise(miss_fact=0.3, store_distractor=0.3, miss_update=0.5, verbose=0.2)
+    out = []
+    for i, inst in enumerate(generate_instances((n + 1) // 2, seed)):
+        for g in range(2):
+            steps = run_teacher_episode(inst, noise, random.Random(1000 * i + g))
+            samples = [StepSample(s.step, [], [], [], "", s.results, s.memory_after) for s in steps]
+            out.append(Episode(f"{inst.instance_id}/{g}", inst, g, samples))
+    return out[:n]
+
+
+def test_scoring_payload_round_trips_what_scoring_reads():
+    from reward.pool import scoring_payload
+
+    for e in teacher_episodes(4):
+        e.steps[0].prompt_ids = [1, 2, 3]
+        e.steps[0].logprobs = [-0.5]
+        back = Episode.from_dict(scoring_payload(e))
+        assert back.episode_id == e.episode_id and back.group_index == e.group_index
+        assert back.instance == e.instance
+        assert [(s.step, s.ops, s.memory) for s in back.steps] == [(s.step, s.ops, s.memory) for s in e.steps]
+        assert back.steps[0].prompt_ids == [] and back.steps[0].logprobs == []  # token payloads stay home
+
+
+def test_memalpha_preset_without_llm_fails_before_starting_actors():
+    from finemem.config import ConfigError
+    from reward.pool import RewardPool
+
+    with pytest.raises(ConfigError, match="reward.answerer.kind=openai"):
+        RewardPool(load_config(["reward=memalpha"]), num_actors=1)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    if ray.is_initialized():  # shared with another module of the same session
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(ray_local):
+    from reward.pool import RewardPool
+
+    p = RewardPool(load_config([]), num_actors=2)
+    yield p
+    p.shutdown()
+
+
+@pytest.mark.heavy
+def test_results_match_local_scoring_and_come_once(pool):
+    cfg = load_config([])
+    episodes = teacher_episodes(10)
+    expected = {e.episode_id: score_episode(e, cfg, EvidenceReader()) for e in episodes}
+    got = list(pool.score_many(episodes))
+    assert sorted(s.episode.episode_id for s in got) == sorted(expected)
+    for s in got:
+        want = expected[s.episode.episode_id]
+        assert s.rewards == want.rewards
+        assert s.components == want.components
+        assert [e.to_dict() for e in s.evidence] == [e.to_dict() for e in want.evidence]
+        assert s.episode is not None and len(s.rewards) == s.episode.instance.num_steps
+    assert pool.pending == 0
+
+
+@pytest.mark.heavy
+def test_streaming_submit_and_poll(pool):
+    episodes = teacher_episodes(6, seed=4)
+    for e in episodes[:3]:
+        pool.submit(e)
+    got = []
+    while pool.pending:
+        got += pool.poll(timeout=None)
+        if len(got) >= 1 and episodes[3:]:
+            pool.submit(episodes.pop(3))
+    assert sorted(s.episode.episode_id for s in got) == sorted(
+        e.episode_id for e in teacher_episodes(6, seed=4)
+    )
+
+
+@pytest.mark.heavy
+def test_killed_actor_is_replaced_and_nothing_is_lost(pool, ray_local):
+    episodes = teacher_episodes(12, seed=5)
+    before = pool.actors_replaced
+    it = pool.score_many(episodes)
+    got = [next(it)]
+    # both actors have an episode in flight now (one per actor while the backlog is not empty)
+    victim = pool.actors[0]
+    ray_local.kill(victim, no_restart=True)
+    got += list(it)
+    ids = [s.episode.episode_id for s in got]
+    assert len(ids) == len(set(ids)) == 12
+    assert set(ids) == {e.episode_id for e in episodes}
+    assert pool.actors_replaced == before + 1
+    assert victim not in pool.actors and len(pool.actors) == 2
+    assert pool.metrics()["actors_replaced"] == before + 1
+
+
+@pytest.mark.heavy
+def test_answer_failure_is_reported_with_the_episode_id(ray_local):
+    import socket
+
+    from reward.pool import EpisodeScoringError, RewardPool
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config(
+        ["reward.answerer.kind=openai", f"reward.answerer.base_url=http://127.0.0.1:{port}/v1",
+         "reward.answerer.max_retries=1", "reward.answerer.backoff_s=0.01"]
+    )  # fmt: skip
+    p = RewardPool(cfg, num_actors=1)
+    try:
+        episode = teacher_episodes(1, seed=6)[0]
+        with pytest.raises(EpisodeScoringError, match=f"episode {episode.episode_id}") as info:
+            list(p.score_many([episode]))
+        assert info.value.episode_id == episode.episode_id
+        assert "failed after 2 attempts" in str(info.value)
+    finally:
+        p.shutdown()
