@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+from collections.abc import Sequence
 from statistics import fmean
-from typing import Any, Sequence
+from typing import Any
 
 from finemem.records import Episode, Instance
 
@@ -107,7 +108,7 @@ def cli(argv: list[str]) -> int:
     import json
 
     from finemem.cli import parse_command
-    from finemem.config import load_config, to_container
+    from finemem.config import load_config
 
     parser = argparse.ArgumentParser(prog="finemem eval", description=cli.__doc__)
     parser.add_argument("--model", required=True)
@@ -126,15 +127,13 @@ def cli(argv: list[str]) -> int:
 
     from finemem.prompts import make_token_counter
     from learner.trainer import _child_env, _load_split
-    from rollout.actor import RolloutActor
-    from rollout.engine import EngineSpec
+    from rollout.actor import create_rollout_actor
 
     instances = _load_split(cfg, cfg.data.eval_path, cfg.eval.instances or None)
     ray.init(num_cpus=cfg.cluster.num_cpus or 4, include_dashboard=False, runtime_env={"env_vars": _child_env()},
              log_to_driver=False)
     try:
-        engines = [RolloutActor.options(num_cpus=cfg.rollout.actor_num_cpus)
-                   .remote(cfg.model.path, EngineSpec.from_config(cfg), to_container(cfg))
+        engines = [create_rollout_actor(cfg, cfg.model.path, num_cpus=cfg.rollout.actor_num_cpus)
                    for _ in range(cfg.rollout.num_engines)]
         ray.get([e.start.remote() for e in engines])
         counter = make_token_counter(AutoTokenizer.from_pretrained(cfg.model.path))

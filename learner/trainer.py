@@ -80,8 +80,7 @@ class Trainer:
         from finemem.prompts import make_token_counter
         from learner.actor import LearnerGroup
         from reward.pool import RewardPool
-        from rollout.actor import RolloutActor
-        from rollout.engine import EngineSpec
+        from rollout.actor import create_rollout_actor
 
         cfg = self.cfg
         gpus = _cuda_count()
@@ -101,13 +100,8 @@ class Trainer:
 
             self.answerer_server = start_answerer_server(cfg, self.placement)
         on_gpu = self.placement.device == "cuda"
-        spec = EngineSpec.from_config(cfg)
-        self.engines = [
-            RolloutActor.options(num_cpus=cfg.rollout.actor_num_cpus,
-                                 num_gpus=cfg.rollout.tensor_parallel_size if on_gpu else 0)
-            .remote(cfg.model.path, spec, to_container(cfg))
-            for _ in range(cfg.rollout.num_engines)
-        ]
+        self.engines = [create_rollout_actor(cfg, cfg.model.path, num_cpus=cfg.rollout.actor_num_cpus)
+                        for _ in range(cfg.rollout.num_engines)]
         engine_start = [e.start.remote() for e in self.engines]
         self.learner = LearnerGroup(cfg, cfg.model.path, num_cpus_per_rank=cfg.learner.actor_num_cpus)
         self.pool = RewardPool(cfg, count_tokens=None)
@@ -160,8 +154,9 @@ class Trainer:
         batch = self.start_step + 1
         try:
             while batch <= cfg.learner.total_steps:
+                oldest_allowed = batch - 1 - s
                 with sh.cond:
-                    sh.cond.wait_for(lambda: sh.stop or sh.engine_version >= batch - 1 - s)
+                    sh.cond.wait_for(lambda: sh.stop or sh.engine_version >= oldest_allowed)  # noqa: B023
                     if sh.stop:
                         return
                 t0 = time.perf_counter()
@@ -266,7 +261,13 @@ class Trainer:
                 metrics = scored_metrics(scored, advantages)
                 metrics.update({f"learner/{k}": v for k, v in learner_metrics.items()})
                 metrics.update({f"batch/{k}": v for k, v in stats.items()})
+                versions = [s.policy_version for s in samples]
+                with open(self.run_dir.path / "data_order.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "instances": [g[0].episode.instance.instance_id
+                                                                    for g in groups]}) + "\n")
                 metrics.update({
+                    "rollout/policy_version_min": min(versions) if versions else -1,
+                    "rollout/policy_version_max": max(versions) if versions else -1,
                     "staleness/dropped_samples": stale,
                     "staleness/mean_lag": sum(lags) / len(lags) if lags else 0.0,
                     "staleness/max_lag": max(lags) if lags else 0,
