@@ -102,7 +102,7 @@ def test_chunks_have_the_configured_shape_and_match_their_records():
         assert CFG.synth_min_chunks <= inst.num_steps <= CFG.synth_max_chunks
         assert len(inst.metadata["chunk_facts"]) == inst.num_steps
         for text, recs in zip(inst.chunks, inst.metadata["chunk_facts"]):
-            assert text == " ".join(r["sentence"] for r in recs)
+            assert text == "\n".join(r["sentence"] for r in recs)
             kinds = Counter(r["kind"] for r in recs)
             assert kinds["fact"] + kinds["update"] == CFG.synth_facts_per_chunk >= 1
             assert kinds["distractor"] == CFG.synth_distractors_per_chunk

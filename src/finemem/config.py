@@ -214,6 +214,7 @@ class SFTConfig:
     lr: float = 2e-3
     batch_size: int = 16
     eval_instances: int = 16
+    threads: int = 0  # torch CPU threads for SFT training (0: all cores)
 
 
 @dataclass

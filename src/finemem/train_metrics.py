@@ -5,8 +5,8 @@ without Ray and the metric names stay stable for W&B dashboards."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from statistics import fmean
-from typing import Iterable, Sequence
 
 from finemem.records import ScoredEpisode
 

@@ -288,7 +288,9 @@ def generate_instance(seed: int, index: int, cfg: DataConfig | None = None) -> I
                 {"sentence": sentence, "kind": "distractor", "entity": None, "attribute": None, "value": None}
             )
         rng.shuffle(records)
-        chunks.append(" ".join(r["sentence"] for r in records))
+        # One sentence per line: a sentence-initial name then tokenises exactly as it does inside a
+        # tool call's JSON string ("Kevin", not " Kevin"), so writing a fact is a plain token copy.
+        chunks.append("\n".join(r["sentence"] for r in records))
         chunk_facts.append(records)
         chunk_qa.append(_chunk_qa(rng, events, cfg.chunk_qa_per_chunk) if cfg.chunk_qa_per_chunk else [])
 
