@@ -209,12 +209,12 @@ class SFTConfig:
     teacher_store_distractor: float = 0.2
     teacher_miss_update: float = 0.5
     teacher_verbose: float = 0.1
-    instances: int = 400
-    epochs: int = 3
-    lr: float = 2e-3
-    batch_size: int = 16
+    instances: int = 320
+    epochs: int = 2
+    lr: float = 3e-3
+    batch_size: int = 8
     eval_instances: int = 16
-    threads: int = 0  # torch CPU threads for SFT training (0: all cores)
+    threads: int = 0  # torch CPU threads for SFT training (0: the cores not already busy, >= 1)
 
 
 @dataclass

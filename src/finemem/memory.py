@@ -265,11 +265,7 @@ class MemAlphaMemory:
         self._next_id = {"semantic": 1, "episodic": 1}
 
     # ---- operations -------------------------------------------------------------------------
-    def apply_all(self, calls: list[ToolCall], step: int) -> list[OpResult]:
-        _check_step(step)
-        if not calls:
-            return [OpResult("skip", True)]
-        return [self.apply(c, step) for c in calls]
+    apply_all = FlatMemory.apply_all  # same rule: calls in order, no call at all is a SKIP
 
     def apply(self, call: ToolCall, step: int) -> OpResult:
         _check_step(step)
