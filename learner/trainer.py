@@ -220,7 +220,9 @@ class Trainer:
             if batch != step:
                 raise RuntimeError(f"queue order broken: expected batch {step}, got {batch}")
             groups.append(group)
-        return groups
+        # Groups arrive in completion order; train (and log) them in the sampler's order so a run
+        # and its resume see identical batches.
+        return sorted(groups, key=_batch_position)
 
     # ------------------------------------------------------------- training
     def train(self) -> None:
@@ -349,6 +351,11 @@ class Trainer:
             if p:
                 out.append(p)
         return out
+
+
+def _batch_position(group: list[ScoredEpisode]) -> int:
+    """Position of a group in its sampled batch, from its episode ids `s{step}-i{pos}-g{g}`."""
+    return int(group[0].episode.episode_id.rsplit("-i", 1)[1].split("-g", 1)[0])
 
 
 def _make_queue(maxsize: int):
