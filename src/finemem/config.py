@@ -215,6 +215,8 @@ class SFTConfig:
     batch_size: int = 8
     eval_instances: int = 16
     threads: int = 0  # torch CPU threads for SFT training (0: the cores not already busy, >= 1)
+    copy_steps: int = 200  # copy warm-up before the traces: quote a chunk's sentences (0: none)
+    copy_batch_size: int = 16
 
 
 @dataclass
