@@ -22,12 +22,11 @@ fact of the same instance uses. Everything is drawn from one `random.Random` per
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from finemem.config import ConfigError, DataConfig
+from finemem.data.readers import write_jsonl
 from finemem.records import Instance, QAPair
 
 FEMALE_NAMES = (
@@ -332,13 +331,7 @@ def generate_instances(n: int, seed: int, cfg: DataConfig | None = None) -> list
     return [generate_instance(seed, i, cfg) for i in range(n)]
 
 
-def write_instances(instances: list[Instance], path: str | Path) -> None:
-    """One `Instance.to_dict()` JSON object per line; parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for inst in instances:
-            f.write(json.dumps(inst.to_dict(), ensure_ascii=True) + "\n")
+write_instances = write_jsonl  # one `Instance.to_dict()` per line, the reader's own format
 
 
 def cli(argv: list[str]) -> int:
