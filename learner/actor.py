@@ -128,6 +128,10 @@ class LearnerWorker:
         self.device = torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        elif int(self.cfg.learner.cpu_threads) > 0:
+            # the rollout actor sleeps while a batch trains: on a small CPU machine the learner can
+            # use more cores than Ray reserved for it (measured in the demo: see conf/experiment/demo.yaml)
+            torch.set_num_threads(int(self.cfg.learner.cpu_threads))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
         t_dist = time.perf_counter()
@@ -176,7 +180,7 @@ class LearnerWorker:
             model=policy, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_config
         )
         return {
-            "rank": self.rank, "device": str(self.device), "backend": backend,
+            "rank": self.rank, "device": str(self.device), "backend": backend, "torch_threads": torch.get_num_threads(),
             "init_distributed_s": t_dist - t0, "setup_s": time.perf_counter() - t0,
         }
 

@@ -29,7 +29,7 @@ class AnswererServer:
     def start(self, timeout_s: float = 1800) -> str:
         import ray
 
-        log = open(f"/tmp/finemem-answerer-{self.port}.log", "ab")
+        log = open(f"/tmp/finemem-answerer-{self.port}.log", "ab")  # noqa: SIM115 (the server writes it as long as it runs)
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
         url = f"http://{ray.util.get_node_ip_address()}:{self.port}/v1"
         deadline = time.time() + timeout_s

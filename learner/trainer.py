@@ -191,7 +191,7 @@ class Trainer:
                 sh.rollout_seconds[batch] = time.perf_counter() - t0
                 sh.generated_tokens[batch] = tokens
                 batch += 1
-        except BaseException as e:  # surfaced by the training loop
+        except BaseException as e:  # noqa: BLE001 (any failure, Ctrl-C included, is surfaced by the training loop)
             sh.error = e
             with sh.cond:
                 sh.cond.notify_all()
@@ -328,13 +328,13 @@ class Trainer:
         for fn in (lambda: self.tracker.close(), lambda: self.pool.shutdown(), lambda: self.learner.shutdown()):
             try:
                 fn()
-            except Exception:
-                pass
+            except Exception as err:  # noqa: BLE001 (shut the other services down regardless)
+                print(f"finemem: shutdown: {type(err).__name__}: {err}")
         for e in getattr(self, "engines", []):
             try:
                 ray.get(e.shutdown.remote(), timeout=30)
-            except Exception:
-                pass
+            except Exception as err:  # noqa: BLE001 (a dead engine actor has nothing left to stop)
+                print(f"finemem: engine shutdown: {type(err).__name__}: {err}")
         server = getattr(self, "answerer_server", None)
         if server is not None:
             server.stop()
@@ -369,7 +369,7 @@ def _cuda_count() -> int:
         import torch
 
         return torch.cuda.device_count()
-    except Exception:
+    except (ImportError, RuntimeError):
         return 0
 
 

@@ -20,7 +20,7 @@ def _has_cuda() -> bool:
         import torch
 
         return torch.cuda.is_available()
-    except Exception:
+    except (ImportError, RuntimeError, OSError):
         return False
 
 

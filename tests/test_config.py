@@ -54,5 +54,5 @@ def test_config_show_cli():
                          capture_output=True, text=True, check=True).stdout
     assert "lr: 0.125" in out and "preset: finemem" in out
     bad = subprocess.run([sys.executable, "-m", "finemem.cli", "config", "show", "learner.zz=1"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "learner.zz" in bad.stderr

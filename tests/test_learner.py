@@ -172,8 +172,9 @@ def one_rank_run(ray_local, tiny_model, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     ray = ray_local
     t0 = time.perf_counter()
-    group = LearnerGroup(_cfg(model_dir))
+    group = LearnerGroup(_cfg(model_dir, cpu_threads=2))  # Ray alone would give the rank 1 thread
     start_s = time.perf_counter() - t0
+    setup_info = group.setup_info
     initial = ray.get(group.export_weights())
     steps = [group.train_step(_batch(1, vocab))]
     after_one = ray.get(group.export_weights())
@@ -213,7 +214,7 @@ def one_rank_run(ray_local, tiny_model, tmp_path_factory):
         "initial": initial, "steps": steps, "after_one": after_one, "after_two": after_two, "ckpt": Path(ckpt),
         "third": third, "after_three": after_three, "published": published, "received": received,
         "client_state": client_state, "resumed_version": resumed_version, "resumed_third": resumed_third,
-        "resumed_after_three": resumed_after_three, "run_dir": run_dir, "vocab": vocab,
+        "resumed_after_three": resumed_after_three, "run_dir": run_dir, "vocab": vocab, "setup_info": setup_info,
     }
 
 
@@ -229,6 +230,7 @@ def test_two_train_steps_give_finite_losses_and_move_the_weights(one_rank_run):
     assert r["steps"][1]["kl"] > 0
     assert _max_diff(r["initial"], r["after_two"]) > 1e-4
     assert "lm_head.weight" not in r["initial"]  # tied: the engine loads the embedding
+    assert [info["torch_threads"] for info in r["setup_info"]] == [2]  # learner.cpu_threads
 
 
 @pytest.mark.heavy

@@ -21,6 +21,7 @@ from finemem.sft import (
     SFTExample,
     build_examples,
     collate,
+    copy_examples,
     lr_at,
     make_batches,
     response_loss,
@@ -74,6 +75,19 @@ def test_examples_are_teacher_steps_with_exact_prompts_and_eos_targets(tok, buil
     # too-long examples are dropped, never cut
     short = build_examples(instances, builder, tok, noise, seed=5, max_len=min(e.length for e in examples))
     assert 1 <= len(short) < len(examples) and all(e.length == min(x.length for x in examples) for e in short)
+
+
+def test_copy_examples_repeat_a_chunk(tok):
+    instances = generate_instances(2, 11, DATA)
+    chunks = {c for inst in instances for c in inst.chunks}
+    examples = copy_examples(instances, tok, 10, random.Random(0))
+    assert len(examples) == 10 and len({tuple(e.prompt_ids) for e in examples}) > 1
+    for ex in examples:
+        assert ex.target_ids[-1] == tok.eos_token_id
+        chunk = tok.decode(ex.target_ids[:-1], skip_special_tokens=False)
+        assert chunk in chunks
+        assert tok.decode(ex.prompt_ids, skip_special_tokens=False) == chunk + "\n"
+    assert copy_examples(instances, tok, 0, random.Random(0)) == []
 
 
 def test_sft_seed_never_the_eval_seed():
@@ -203,24 +217,21 @@ def test_short_sft_run_lowers_the_loss_and_writes_the_run_dir(tmp_path, capsys):
         setattr(mc, k, v)
     model_dir = init_model(tmp_path / "m0", mc, corpus_texts(cfg, 100))
     out = tmp_path / "sft"
-    rc = cli(
-        [
-            "--model",
-            str(model_dir),
-            "--out",
-            str(out),
-            "--no-progress",
-            f"run.out_dir={tmp_path / 'runs'}",
-            "sft.instances=6",
-            "sft.epochs=3",
-            "sft.batch_size=4",
-            "sft.eval_instances=2",
-            "sft.lr=3e-3",
-            "rollout.max_response_tokens=16",
-            "data.synth_max_chunks=4",
-            "wandb.mode=disabled",
-        ]
-    )
+    settings = [
+        "sft.instances=6",
+        "sft.epochs=3",
+        "sft.copy_steps=6",
+        "sft.copy_batch_size=4",
+        "sft.batch_size=4",
+        "sft.lr=3e-3",
+        "sft.threads=1",  # deterministic: the run without evaluation below must train the same
+        "rollout.max_response_tokens=16",
+        "data.synth_max_chunks=4",
+        "wandb.mode=disabled",
+    ]
+    args = ["--model", str(model_dir), "--out", str(out), "--no-progress", f"run.out_dir={tmp_path / 'runs'}",
+            *settings, "sft.eval_instances=2"]
+    rc = cli(args)
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     m = re.fullmatch(r"valid-call rate: (\d\.\d+)", lines[-1])
@@ -234,10 +245,25 @@ def test_short_sft_run_lowers_the_loss_and_writes_the_run_dir(tmp_path, capsys):
         "sft_eval_episodes.jsonl",
     ):
         assert (run / name).is_file(), name
-    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-    assert len(losses) >= 5 and losses[-1] < losses[0] - 1.0
+    rows = read_metrics(run / "metrics.jsonl")
+    copy_losses = [r["copy_loss"] for r in rows if "copy_loss" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(copy_losses) >= 2 and len(losses) >= 5 and losses[-1] < losses[0] - 1.0
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps)  # the copy warm-up and the traces share one step axis
     summary = json.loads((run / "sft_summary.json").read_text())
     assert summary["eval_valid_call_rate"] == pytest.approx(float(m.group(1)), abs=1e-4)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (out / name).is_file(), name
     assert len((run / "sft_eval_episodes.jsonl").read_text().splitlines()) == 2
+
+    # sft.eval_instances=0: no evaluation (the demo evaluates before RL), the same model and summary
+    out0 = tmp_path / "sft0"
+    rc = cli(["--model", str(model_dir), "--out", str(out0), "--no-progress", f"run.out_dir={tmp_path / 'runs0'}",
+              *settings, "sft.eval_instances=0"])
+    assert rc == 0
+    assert "held-out accuracy" not in capsys.readouterr().out
+    (run0,) = list((tmp_path / "runs0").iterdir())
+    summary0 = json.loads((run0 / "sft_summary.json").read_text())
+    assert not (run0 / "sft_eval_episodes.jsonl").exists() and "eval_accuracy" not in summary0
+    assert summary0["final_loss"] == pytest.approx(summary["final_loss"])  # seeded: same training

@@ -61,8 +61,8 @@ def _safetensors(path):
 def test_two_grpo_steps_then_exact_resume(setup, monkeypatch):
     import ray
 
-    from finemem.sampler import InstanceSampler
     from finemem.config import save_config
+    from finemem.sampler import InstanceSampler
     from finemem.tracking import RunDir, read_metrics
     from learner.checkpoint import latest_checkpoint
     from learner.trainer import Trainer, build_config

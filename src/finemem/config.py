@@ -170,6 +170,7 @@ class LearnerConfig:
     use_reference: bool = True
     gradient_checkpointing: bool = False
     actor_num_cpus: float = 1.0  # Ray CPUs reserved per learner rank
+    cpu_threads: int = 0  # CPU only: torch threads per rank (0: Ray's default, one per reserved CPU)
 
 
 @dataclass
@@ -215,7 +216,7 @@ class SFTConfig:
     batch_size: int = 8
     eval_instances: int = 16
     threads: int = 0  # torch CPU threads for SFT training (0: the cores not already busy, >= 1)
-    copy_steps: int = 200  # copy warm-up before the traces: quote a chunk's sentences (0: none)
+    copy_steps: int = 400  # copy warm-up before the traces: repeat a chunk, constant lr (0: none)
     copy_batch_size: int = 16
 
 
@@ -305,7 +306,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: str | P
             for g, name in dict(entry).items():
                 chosen[str(g)] = str(name)
         chosen.update(group_choice)
-        body = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "defaults"])
+        body = OmegaConf.masked_copy(raw, [k for k in raw if k != "defaults"])
         for g, name in chosen.items():
             if g not in GROUPS:
                 raise ConfigError(f"{defaults_path}: unknown config group '{g}' (groups: {', '.join(GROUPS)})")

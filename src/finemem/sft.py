@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,34 +105,28 @@ def build_examples(
     return examples
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
 def copy_examples(instances: list[Instance], tokenizer: Any, n: int, rng: random.Random) -> list[SFTExample]:
-    """`n` copy warm-up examples: prompt = a chunk and a newline, target = the chunk's sentences
-    in random order, one `{"content": "<sentence>"}` line each, then eos.
+    """`n` copy warm-up examples: prompt = a chunk and a newline, target = the same chunk again, then eos.
 
     Why: a policy trained from scratch on the traces alone learns the call format but not to copy
-    facts from the chunk (it writes made-up facts: the content tokens stay near uniform). Copying
-    needs induction-style attention, which formed here only after about 150 steps of dense
-    copying. The lines are tokenized exactly like a call's `"content": "..."` argument, so what is
-    learned (after `"content": "`, start one of the chunk's sentences and copy it) transfers.
-    Chunks are drawn from `instances` round-robin in a shuffled order.
+    facts from the chunk: it writes made-up facts, whose near-uniform content tokens also break
+    the JSON now and then at temperature 1. Copying needs induction-style attention (find the
+    earlier occurrence of the current token, emit what followed it). On this dense copy task it
+    forms within a few hundred steps (measured: copy loss 7.36 -> 0.19 in 400 steps of 16). Warm
+    starts without it reached held-out accuracy 0.00-0.01; the demo's, with it, 0.29 greedy and
+    0.17 sampled. The warm-up runs at a constant learning rate (`lr_floor=1`) after its warm-up.
+    Chunks are drawn from `instances` in a shuffled order, round-robin.
     """
     eos = tokenizer.eos_token_id
-    chunks = [c for inst in instances for c in inst.chunks if c.strip()]
+    chunks = [c.strip() for inst in instances for c in inst.chunks if c.strip()]
     if not chunks or n <= 0:
         return []
     rng.shuffle(chunks)
+    newline = list(tokenizer("\n", add_special_tokens=False).input_ids)
     out: list[SFTExample] = []
     for i in range(n):
-        chunk = chunks[i % len(chunks)]
-        sentences = [s for s in _SENTENCE_END.split(chunk.strip()) if s]
-        rng.shuffle(sentences)
-        prompt = tokenizer(chunk + "\n", add_special_tokens=False).input_ids
-        lines = "".join(json.dumps({"content": s}, ensure_ascii=False) + "\n" for s in sentences)
-        target = tokenizer(lines, add_special_tokens=False).input_ids
-        out.append(SFTExample(list(prompt), list(target) + [eos], "copy", 0))
+        ids = list(tokenizer(chunks[i % len(chunks)], add_special_tokens=False).input_ids)
+        out.append(SFTExample(ids + newline, ids + [eos], "copy", 0))
     return out
 
 
@@ -242,11 +235,13 @@ def train(
     key: str = "loss",
     desc: str = "sft",
     step_offset: int = 0,
+    lr_floor: float = 0.1,
 ) -> list[float]:
     """AdamW over `epochs` passes; returns the loss of every optimizer step.
 
     Logged every `log_every` steps as `<key>`, `<key>_avg`, lr and tokens/s at step
-    `step_offset + step` (so stages of one run share one step axis).
+    `step_offset + step` (so stages of one run share one step axis). The learning rate warms up,
+    then decays by cosine to `lr_floor * lr` (`lr_at`).
     """
     import torch
     from tqdm import tqdm
@@ -266,7 +261,7 @@ def train(
     bar = tqdm(plan, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, len(plan), lr)
+            group["lr"] = lr_at(step, len(plan), lr, floor=lr_floor)
         ids, mask, labels = collate([examples[i] for i in batch], pad_id, skip)
         loss = response_loss(model, ids, mask, labels, prefix)
         opt.zero_grad(set_to_none=True)
@@ -516,7 +511,6 @@ def cli(argv: list[str]) -> int:
     from finemem.prompts import PromptBuilder
     from finemem.teacher import TeacherNoise
     from finemem.tracking import RunDir, Tracker, plot_curves
-    from rollout.summary import summarize_episodes
 
     torch.set_num_threads(int(cfg.sft.threads) or auto_threads())
     print(f"sft: {torch.get_num_threads()} torch thread(s)")
@@ -549,7 +543,7 @@ def cli(argv: list[str]) -> int:
         warmup = copy_examples(train_instances, tokenizer, copy_steps * copy_bs, random.Random(cfg.run.seed))
         copy_losses = train(
             model, warmup, epochs=1, batch_size=copy_bs, lr=float(cfg.sft.lr), pad_id=pad_id, seed=cfg.run.seed,
-            tracker=tracker, progress=not args.no_progress, key="copy_loss", desc="sft copy warm-up",
+            tracker=tracker, progress=not args.no_progress, key="copy_loss", desc="sft copy warm-up", lr_floor=1.0,
         )  # fmt: skip
         print(
             f"sft: copy warm-up {len(copy_losses)} steps, loss {copy_losses[0]:.3f} -> "
@@ -571,50 +565,61 @@ def cli(argv: list[str]) -> int:
         run.metrics_path, run.plots_dir / "loss.png", ["copy_loss", "loss", "loss_avg", "lr"], title="SFT"
     )
 
-    t_eval = time.perf_counter()
-    eval_instances = generate_instances(int(cfg.sft.eval_instances), int(cfg.data.synth_eval_seed), cfg.data)
-    episodes = policy_episodes(model, tokenizer, builder, eval_instances, cfg, seed=cfg.run.seed)
-    eval_s = time.perf_counter() - t_eval
-    summary = summarize_episodes(episodes, eval_s)
-    top_k = int(cfg.retrieval.top_k)
     result: dict[str, Any] = {
         "examples": len(examples),
         "copy_steps": len(copy_losses),
         "optimizer_steps": len(copy_losses) + len(losses),
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "train_s": train_s,
-        "eval_s": eval_s,
-        "total_s": time.perf_counter() - t_start,
-        "eval_valid_call_rate": summary["valid_call_rate"],
-        "eval_ops_per_step": summary["ops_per_step"],
-        "eval_memory_tokens_final": summary["memory_tokens_final"],
-        "eval_finish_length": summary.get("finish/length", 0.0),
-        "eval_accuracy": retrieval_accuracy(episodes, top_k),
-        "teacher_noisy_accuracy": teacher_accuracy(eval_instances, noise, top_k, seed=cfg.run.seed),
-        "teacher_ideal_accuracy": teacher_accuracy(eval_instances, TeacherNoise(), top_k, seed=cfg.run.seed),
     }
-    for kind in ("insert", "update", "delete", "skip", "invalid"):
-        result[f"eval_ops_per_step/{kind}"] = summary[f"ops_per_step/{kind}"]
+    episodes: list[Episode] = []
+    if int(cfg.sft.eval_instances) > 0:  # 0: no evaluation here (`make demo` evaluates before RL anyway)
+        episodes = _evaluate_warm_start(model, tokenizer, builder, noise, cfg, result)
+    result["total_s"] = time.perf_counter() - t_start
     tracker.log(result, step=len(copy_losses) + len(losses))
     tracker.close()
     (run.path / "sft_summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(run.path / "sft_eval_episodes.jsonl", "w") as f:
-        f.writelines(json.dumps(ep.to_dict()) + "\n" for ep in episodes)
     print(f"model saved to {out}; loss curve {run.plots_dir / 'loss.png'}")
-    print(
-        f"train {train_s:.0f}s, eval {eval_s:.0f}s, total {result['total_s']:.0f}s; "
-        f"final loss {result['final_loss']:.4f}"
-    )
-    print(
-        f"held-out accuracy (top-{top_k} retrieval): policy {result['eval_accuracy']:.3f}, "
-        f"noisy teacher {result['teacher_noisy_accuracy']:.3f}, ideal teacher {result['teacher_ideal_accuracy']:.3f}"
-    )
-    print(
-        "ops per step: "
-        + ", ".join(
-            f"{k} {result[f'eval_ops_per_step/{k}']:.2f}"
-            for k in ("insert", "update", "delete", "skip", "invalid")
+    print(f"train {train_s:.0f}s, total {result['total_s']:.0f}s; final loss {result['final_loss']:.4f}")
+    if episodes:
+        with open(run.path / "sft_eval_episodes.jsonl", "w") as f:
+            f.writelines(json.dumps(ep.to_dict()) + "\n" for ep in episodes)
+        top_k = int(cfg.retrieval.top_k)
+        print(
+            f"held-out accuracy (top-{top_k} retrieval): policy {result['eval_accuracy']:.3f}, noisy teacher "
+            f"{result['teacher_noisy_accuracy']:.3f}, ideal teacher {result['teacher_ideal_accuracy']:.3f} "
+            f"({result['eval_s']:.0f}s)"
         )
-    )
-    print(f"valid-call rate: {summary['valid_call_rate']:.4f}")
+        kinds = ("insert", "update", "delete", "skip", "invalid")
+        print("ops per step: " + ", ".join(f"{k} {result[f'eval_ops_per_step/{k}']:.2f}" for k in kinds))
+        print(f"valid-call rate: {result['eval_valid_call_rate']:.4f}")
     return 0
+
+
+def _evaluate_warm_start(model, tokenizer, builder, noise, cfg, result: dict[str, Any]) -> list[Episode]:
+    """Run the warm start on `sft.eval_instances` held-out instances; add its figures (and the noisy
+    and ideal teachers' accuracy on the same instances, for reference) to `result`."""
+    from finemem.data.synth import generate_instances
+    from finemem.teacher import TeacherNoise
+    from rollout.summary import summarize_episodes
+
+    t_eval = time.perf_counter()
+    eval_instances = generate_instances(int(cfg.sft.eval_instances), int(cfg.data.synth_eval_seed), cfg.data)
+    episodes = policy_episodes(model, tokenizer, builder, eval_instances, cfg, seed=cfg.run.seed)
+    summary = summarize_episodes(episodes, time.perf_counter() - t_eval)
+    top_k = int(cfg.retrieval.top_k)
+    result.update(
+        {
+            "eval_s": time.perf_counter() - t_eval,
+            "eval_valid_call_rate": summary["valid_call_rate"],
+            "eval_ops_per_step": summary["ops_per_step"],
+            "eval_memory_tokens_final": summary["memory_tokens_final"],
+            "eval_finish_length": summary.get("finish/length", 0.0),
+            "eval_accuracy": retrieval_accuracy(episodes, top_k),
+            "teacher_noisy_accuracy": teacher_accuracy(eval_instances, noise, top_k, seed=cfg.run.seed),
+            "teacher_ideal_accuracy": teacher_accuracy(eval_instances, TeacherNoise(), top_k, seed=cfg.run.seed),
+        }
+    )
+    for kind in ("insert", "update", "delete", "skip", "invalid"):
+        result[f"eval_ops_per_step/{kind}"] = summary[f"ops_per_step/{kind}"]
+    return episodes

@@ -79,7 +79,7 @@ class Tracker:
     def __init__(self, run_dir: RunDir, config: dict[str, Any], wandb_cfg: Any | None = None, resume: bool = False):
         self.run_dir = run_dir
         self._wandb = None
-        self._file = open(run_dir.metrics_path, "a" if resume else "w", buffering=1)
+        self._file = open(run_dir.metrics_path, "a" if resume else "w", buffering=1)  # noqa: SIM115 (closed in close())
         mode = os.environ.get("WANDB_MODE") or (wandb_cfg.mode if wandb_cfg is not None else "offline")
         if mode != "disabled":
             try:
@@ -96,7 +96,7 @@ class Tracker:
                     resume="allow" if resume else None,
                     id=run_dir.path.name.replace(".", "-"),
                 )
-            except Exception as e:  # W&B must never take a training run down
+            except Exception as e:  # noqa: BLE001 (W&B must never take a training run down)
                 print(f"finemem: W&B disabled ({type(e).__name__}: {e})")
                 self._wandb = None
 
