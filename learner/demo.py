@@ -43,14 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
 
     t = _stage("1/5 synthetic data")
-    from finemem.data.synth import generate_instances, write_instances
+    from finemem.data.readers import write_jsonl
+    from finemem.data.synth import generate_instances
 
     train_path, eval_path = Path(cfg.data.train_path), Path(cfg.data.eval_path)
     if not train_path.is_file():
-        write_instances(generate_instances(cfg.data.synth_train_instances, cfg.data.synth_train_seed, cfg.data),
+        write_jsonl(generate_instances(cfg.data.synth_train_instances, cfg.data.synth_train_seed, cfg.data),
                         train_path)
     if not eval_path.is_file():
-        write_instances(generate_instances(cfg.data.synth_eval_instances, cfg.data.synth_eval_seed, cfg.data),
+        write_jsonl(generate_instances(cfg.data.synth_eval_instances, cfg.data.synth_eval_seed, cfg.data),
                         eval_path)
     print(f"train {train_path} (seed {cfg.data.synth_train_seed}), held-out {eval_path} "
           f"(seed {cfg.data.synth_eval_seed})")

@@ -7,7 +7,7 @@ Data flow of a step (architecture.md):
     sampler -> batch k of instances                   take one batch of groups from the queue
     rollout actors: run_group (G episodes each)       drop samples older than the staleness bound
     reward pool: score episodes as they finish        advantages -> samples -> learner.train_step
-    all G scored -> queue.put((k, group))  ------->   publish weights -> engines (version v+1)
+    all G scored -> queue.put((k, pos, group)) --->   publish weights -> engines (version v+1)
                                                       log, checkpoint, wake the producer
 
 Admission control keeps rollouts at most `algo.max_staleness` policy versions behind: batch k
@@ -163,8 +163,10 @@ class Trainer:
                 indices = self.sampler.next_batch(per_step)
                 sh.sampler_after_batch[batch] = self.sampler.state_dict()
                 futures: dict[Any, str] = {}
+                positions: dict[str, int] = {}  # group key -> its place in the sampled batch
                 for pos, idx in enumerate(indices):
                     key = f"s{batch}-i{pos}"
+                    positions[key] = pos
                     engine = self.engines[pos % len(self.engines)]
                     ids = [f"{key}-g{g}" for g in range(G)]
                     futures[engine.run_group.remote(self.train_instances[idx], G, ids, self._sampling())] = key
@@ -186,7 +188,7 @@ class Trainer:
                         groups.setdefault(key, []).append(scored)
                         if len(groups[key]) == G:
                             group = sorted(groups.pop(key), key=lambda x: x.episode.group_index)
-                            self._put(batch, group)
+                            self._put(batch, positions[key], group)
                             done_groups += 1
                 sh.rollout_seconds[batch] = time.perf_counter() - t0
                 sh.generated_tokens[batch] = tokens
@@ -196,12 +198,12 @@ class Trainer:
             with sh.cond:
                 sh.cond.notify_all()
 
-    def _put(self, batch: int, group: list[ScoredEpisode]) -> None:
+    def _put(self, batch: int, pos: int, group: list[ScoredEpisode]) -> None:
         from ray.util.queue import Full
 
         while not self.shared.stop:
             try:
-                self.queue.put((batch, group), timeout=0.5)
+                self.queue.put((batch, pos, group), timeout=0.5)
                 return
             except Full:
                 continue
@@ -209,20 +211,20 @@ class Trainer:
     def _take_batch(self, step: int) -> list[list[ScoredEpisode]]:
         from ray.util.queue import Empty
 
-        groups = []
+        groups: list[tuple[int, list[ScoredEpisode]]] = []
         while len(groups) < self.cfg.learner.instances_per_step:
             if self.shared.error is not None:
                 raise RuntimeError(f"rollout/reward producer failed: {self.shared.error!r}") from self.shared.error
             try:
-                batch, group = self.queue.get(timeout=0.5)
+                batch, pos, group = self.queue.get(timeout=0.5)
             except Empty:
                 continue
             if batch != step:
                 raise RuntimeError(f"queue order broken: expected batch {step}, got {batch}")
-            groups.append(group)
+            groups.append((pos, group))
         # Groups arrive in completion order; train (and log) them in the sampler's order so a run
         # and its resume see identical batches.
-        return sorted(groups, key=_batch_position)
+        return [group for _, group in sorted(groups, key=lambda item: item[0])]
 
     # ------------------------------------------------------------- training
     def train(self) -> None:
@@ -351,11 +353,6 @@ class Trainer:
             if p:
                 out.append(p)
         return out
-
-
-def _batch_position(group: list[ScoredEpisode]) -> int:
-    """Position of a group in its sampled batch, from its episode ids `s{step}-i{pos}-g{g}`."""
-    return int(group[0].episode.episode_id.rsplit("-i", 1)[1].split("-g", 1)[0])
 
 
 def _make_queue(maxsize: int):

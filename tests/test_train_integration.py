@@ -35,7 +35,8 @@ def setup(tmp_path_factory):
     import copy
 
     from finemem.config import load_config
-    from finemem.data.synth import generate_instances, write_instances
+    from finemem.data.readers import write_jsonl
+    from finemem.data.synth import generate_instances
     from finemem.model_init import corpus_texts, init_model
 
     tmp = tmp_path_factory.mktemp("train")
@@ -47,8 +48,8 @@ def setup(tmp_path_factory):
     model_dir = init_model(tmp / "model", mc, corpus_texts(base, 300))
     dc = copy.deepcopy(base.data)
     dc.synth_min_chunks, dc.synth_max_chunks = 2, 2
-    write_instances(generate_instances(5, 7, dc), tmp / "train.jsonl")
-    write_instances(generate_instances(2, 99, dc), tmp / "eval.jsonl")
+    write_jsonl(generate_instances(5, 7, dc), tmp / "train.jsonl")
+    write_jsonl(generate_instances(2, 99, dc), tmp / "eval.jsonl")
     return tmp, model_dir
 
 

@@ -123,11 +123,8 @@ def copy_examples(instances: list[Instance], tokenizer: Any, n: int, rng: random
         return []
     rng.shuffle(chunks)
     newline = list(tokenizer("\n", add_special_tokens=False).input_ids)
-    out: list[SFTExample] = []
-    for i in range(n):
-        ids = list(tokenizer(chunks[i % len(chunks)], add_special_tokens=False).input_ids)
-        out.append(SFTExample(ids + newline, ids + [eos], "copy", 0))
-    return out
+    encoded = [list(ids) for ids in tokenizer(chunks, add_special_tokens=False).input_ids]  # once per chunk
+    return [SFTExample(ids + newline, ids + [eos], "copy", 0) for ids in (encoded[i % len(encoded)] for i in range(n))]
 
 
 def make_batches(examples: list[SFTExample], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -194,10 +191,8 @@ def response_loss(model, ids, mask, labels, prefix=None):
     import torch
     import torch.nn.functional as F
 
-    decoder, head = (
-        model.get_decoder(),
-        model.get_output_embeddings(),
-    )  # model.model / lm_head for Qwen3, Llama
+    # model.model / lm_head for Qwen3, Llama
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     if prefix is not None and len(prefix) > 0:
         cache = decoder(input_ids=prefix.unsqueeze(0), use_cache=True).past_key_values
         cache.batch_repeat_interleave(ids.shape[0])

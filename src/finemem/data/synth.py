@@ -331,9 +331,6 @@ def generate_instances(n: int, seed: int, cfg: DataConfig | None = None) -> list
     return [generate_instance(seed, i, cfg) for i in range(n)]
 
 
-write_instances = write_jsonl  # one `Instance.to_dict()` per line, the reader's own format
-
-
 def cli(argv: list[str]) -> int:
     """`finemem data synth --out PATH [--instances N] [--seed S] [key=value ...]`."""
     from finemem.cli import parse_command
@@ -348,7 +345,7 @@ def cli(argv: list[str]) -> int:
     n = data_cfg.synth_train_instances if args.instances is None else args.instances
     seed = data_cfg.synth_train_seed if args.seed is None else args.seed
     instances = generate_instances(n, seed, data_cfg)
-    write_instances(instances, args.out)
+    write_jsonl(instances, args.out)
     updates = sum(
         r["kind"] == "update" for inst in instances for c in inst.metadata["chunk_facts"] for r in c
     )
