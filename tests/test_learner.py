@@ -297,3 +297,70 @@ def test_two_gloo_ranks_match_one_rank(one_rank_run, tiny_model):
     assert _max_diff(weights, r["initial"]) > 1e-4
     print(f"\n2 ranks vs 1 rank: max |weight diff| after one step {_max_diff(weights, r['after_one']):.3g}")
     assert _max_diff(weights, r["after_one"]) < 1e-5  # (Adam hides the gradient scale; grad_norm checks it)
+
+
+@pytest.mark.heavy
+def test_mini_batches_equal_one_training_step_per_rollout_group(ray_local, tiny_model):
+    """algo.mini_batches=3 over 3 rollouts == three training steps of one rollout each (same lr schedule)."""
+    import ray
+
+    from learner.actor import LearnerGroup
+    from learner.batching import assign_loss_weights
+
+    model_dir, vocab = tiny_model
+    batch = _batch(1, vocab)
+    cfg = _cfg(model_dir)
+    cfg.algo.mini_batches = 3
+    group = LearnerGroup(cfg)
+    try:
+        m = group.train_step(batch)
+        split = ray.get(group.export_weights())
+    finally:
+        group.shutdown()
+    assert m["optimizer_steps"] == 3 and m["policy_version"] == 1.0
+    assert m["lr"] == pytest.approx(1e-3 * 3 / 6)  # 4 steps x 3 optimizer steps, warm-up over 6 of them
+
+    one_by_one = LearnerGroup(_cfg(model_dir, total_steps=12))
+    try:
+        for key in dict.fromkeys(s.rollout_key for s in batch):
+            part = [s for s in _batch(1, vocab) if s.rollout_key == key]
+            assign_loss_weights(part)
+            one_by_one.train_step(part)
+        sequential = ray.get(one_by_one.export_weights())
+    finally:
+        one_by_one.shutdown()
+    assert _max_diff(split, sequential) < 1e-6
+
+
+@pytest.mark.heavy
+def test_shared_prefix_forward_trains_the_same_weights_under_deepspeed(ray_local, tiny_model):
+    """Two DeepSpeed steps on prompts that share a system prompt: learner.share_prefix on == off."""
+    import ray
+
+    from learner.actor import LearnerGroup
+    from learner.batching import assign_loss_weights
+
+    model_dir, vocab = tiny_model
+
+    def prefixed(seed):
+        batch = _batch(seed, vocab)
+        system = [random.Random(99).randrange(vocab) for _ in range(12)]
+        for s in batch:
+            s.prompt_ids = system + s.prompt_ids
+        assign_loss_weights(batch)
+        return batch
+
+    results = {}
+    for share in (True, False):
+        group = LearnerGroup(_cfg(model_dir, share_prefix=share, micro_batch_tokens=80, zero_stage=2))
+        try:
+            metrics = [group.train_step(prefixed(seed)) for seed in (1, 2)]
+            results[share] = (metrics, ray.get(group.export_weights()))
+        finally:
+            group.shutdown()
+    (shared_m, shared_w), (full_m, full_w) = results[True], results[False]
+    assert shared_m[0]["micro_batches"] >= 2  # several micro-batches, each sharing the 12-token prefix
+    for a, b in zip(shared_m, full_m):
+        for key in ("loss", "pg_loss", "kl", "grad_norm", "entropy", "ratio_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    assert _max_diff(shared_w, full_w) < 1e-5

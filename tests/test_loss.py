@@ -8,7 +8,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from learner.batching import TrainSample, assign_loss_weights, collate, make_micro_batches
-from learner.loss import merge_loss_metrics, policy_loss, sequence_logprobs
+from learner.loss import merge_loss_metrics, policy_loss, sequence_logprobs, shared_prefix_len
 
 
 def _hand_case():
@@ -163,3 +163,67 @@ def test_response_at_position_zero_is_refused():
     ids = torch.tensor([[1, 2]])
     with pytest.raises(ValueError, match="position 0"):
         sequence_logprobs(model, ids, torch.ones_like(ids), torch.tensor([[True, True]]))
+
+
+def _prefixed_samples(rng, system, n=5):
+    """Samples whose prompts all start with `system` (as memory-step prompts start with the system prompt)."""
+    out = []
+    for r in range(n):
+        p, k = rng.randint(1, 6), rng.randint(1, 5)
+        out.append(
+            TrainSample(
+                prompt_ids=system + [rng.randrange(1, 64) for _ in range(p)],
+                response_ids=[rng.randrange(1, 64) for _ in range(k)],
+                old_logprobs=[0.0] * k, advantage=rng.uniform(-2, 2), rollout_key=f"r{r % 2}", policy_version=0,
+            )
+        )
+    return out
+
+
+def _logprobs_and_grads(model, batch, share_prefix):
+    model.zero_grad()
+    logp, ent = sequence_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], with_entropy=True,
+        share_prefix=share_prefix,
+    )
+    (logp * torch.linspace(0.5, 1.5, logp.shape[1])).sum().backward()  # weights every position differently
+    return logp.detach(), ent, {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("system_len", [1, 9])
+def test_shared_prefix_gives_the_same_logprobs_entropy_and_gradients(system_len):
+    model = _tiny_model(0).train()
+    rng = random.Random(system_len)
+    system = [rng.randrange(1, 64) for _ in range(system_len)]
+    samples = _prefixed_samples(rng, system)
+    batch = collate(samples, pad_id=0)
+    limit = min(len(s.prompt_ids) for s in samples) - 1
+    assert shared_prefix_len(batch["input_ids"], limit) >= min(system_len, limit)
+    full_lp, full_ent, full_grads = _logprobs_and_grads(model, batch, share_prefix=False)
+    lp, ent, grads = _logprobs_and_grads(model, batch, share_prefix=True)
+    assert torch.allclose(lp, full_lp, atol=1e-5)
+    assert torch.allclose(ent, full_ent, atol=1e-5)
+    assert full_lp[batch["response_mask"]].abs().min() > 0  # every response token was scored
+    for name, g in full_grads.items():
+        assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), name
+
+
+def test_shared_prefix_len_stops_at_the_first_difference_and_the_limit():
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 9, 5], [1, 2, 3, 4, 0]])
+    assert shared_prefix_len(ids, limit=5) == 3
+    assert shared_prefix_len(ids, limit=2) == 2
+    assert shared_prefix_len(ids[:1], limit=5) == 0  # one row: nothing to share
+    assert shared_prefix_len(torch.tensor([[7, 1], [8, 1]]), limit=2) == 0
+
+
+def test_gradient_checkpointing_falls_back_to_full_sequences():
+    """transformers drops the key/value cache under checkpointing; the result must not change."""
+    model = _tiny_model(0).train()
+    samples = _prefixed_samples(random.Random(3), system=[5, 6, 7, 8])
+    batch = collate(samples, pad_id=0)
+    plain_lp, _, plain_grads = _logprobs_and_grads(model, batch, share_prefix=False)
+    model.gradient_checkpointing_enable()
+    lp, _, grads = _logprobs_and_grads(model, batch, share_prefix=True)
+    assert torch.allclose(lp, plain_lp, atol=1e-5)
+    for name, g in plain_grads.items():
+        assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), name

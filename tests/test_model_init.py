@@ -19,6 +19,7 @@ from finemem.model_init import (
     cli,
     corpus_texts,
     init_model,
+    model_or_tiny,
     param_count,
     train_tokenizer,
 )
@@ -160,3 +161,19 @@ def test_cli_builds_a_model(tmp_path, capsys):
     assert f"parameters: {param_count(out):,}" in printed
     assert cli(args) == 1  # refuses to overwrite without --force
     assert cli(args + ["--force"]) == 0
+
+
+def test_model_or_tiny_uses_an_existing_folder_else_builds_one(cfg, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert model_or_tiny(tmp_path, cfg) == (tmp_path, None)
+    small = copy.deepcopy(cfg)
+    for k, v in {"init_vocab_size": 512, "init_hidden_size": 64, "init_layers": 1, "init_heads": 2,
+                 "init_kv_heads": 1, "init_head_dim": 32, "init_intermediate_size": 128}.items():
+        setattr(small.model, k, v)
+    small.model.init_tokenizer_texts = 200
+    built, tmp = model_or_tiny(tmp_path / "missing", small)
+    try:
+        assert (built / "config.json").is_file() and (built / "tokenizer.json").is_file()
+    finally:
+        tmp.cleanup()
+    assert not built.exists()

@@ -51,3 +51,11 @@ def test_group_size_one_and_missing_model(tmp_path):
 def test_role_gpu_mismatch(model_dir):
     cfg = _cfg("cluster=qwen3_4b_8gpu", "learner.num_ranks=2", tmp_model=model_dir)
     assert any("learner_gpus" in p for p in validate(cfg, 8))
+
+
+def test_optimizer_step_counts_are_checked(model_dir):
+    assert any("ppo_epochs" in p for p in validate(_cfg("algo.mini_batches=0", tmp_model=model_dir)))
+    too_many = _cfg("learner.instances_per_step=2", "rollout.group_size=4", "algo.mini_batches=9", tmp_model=model_dir)
+    assert any("more than the rollouts of a step" in p for p in validate(too_many))
+    assert validate(_cfg("algo.mini_batches=8", "learner.instances_per_step=2", "rollout.group_size=4",
+                         tmp_model=model_dir)) == []

@@ -150,6 +150,7 @@ class AlgoConfig:
     clip: float = 0.2
     kl_coef: float = 0.001
     ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer steps per PPO epoch (whole rollouts per mini-batch)
     max_staleness: int = 1  # policy versions a sample may lag behind the learner
 
 
@@ -169,6 +170,7 @@ class LearnerConfig:
     keep_checkpoints: int = 2
     use_reference: bool = True
     gradient_checkpointing: bool = False
+    share_prefix: bool = True  # run the prompt prefix all samples of a micro-batch share once (learner.loss)
     actor_num_cpus: float = 1.0  # Ray CPUs reserved per learner rank
     cpu_threads: int = 0  # CPU only: torch threads per rank (0: Ray's default, one per reserved CPU)
 

@@ -21,6 +21,7 @@ import argparse
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 MARKER_TOKENS = ("<tool_call>", "</tool_call>", "<think>", "</think>", "✿FUNCTION✿", "✿ARGS✿")
@@ -181,6 +182,22 @@ def init_model(out_dir: str | Path, model_cfg, texts: Iterable[str]) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def model_or_tiny(model_dir: str | Path, cfg) -> tuple[Path, Any]:
+    """`model_dir` when it holds a model, else a random-init tiny policy built in a temporary folder.
+
+    For benchmarks that should run on a fresh clone. Returns the folder and the
+    `TemporaryDirectory` to clean up (None when `model_dir` was used).
+    """
+    import tempfile
+
+    model_dir = Path(model_dir)
+    if (model_dir / "config.json").is_file():
+        return model_dir, None
+    tmp = tempfile.TemporaryDirectory(prefix="finemem-bench-")
+    print(f"no model at {model_dir}: building a random-init tiny policy in {tmp.name}")
+    return init_model(Path(tmp.name) / "tiny", cfg.model, corpus_texts(cfg, cfg.model.init_tokenizer_texts)), tmp
 
 
 def param_count(model_dir: str | Path) -> int:

@@ -49,6 +49,13 @@ def validate(cfg, gpus_available: int | None = None) -> list[str]:
         problems.append("learner.num_ranks and rollout.num_engines must be at least 1")
     if cfg.algo.max_staleness < 0:
         problems.append("algo.max_staleness must be >= 0 (0 = fully on-policy)")
+    if cfg.algo.ppo_epochs < 1 or cfg.algo.mini_batches < 1:
+        problems.append(f"algo.ppo_epochs={cfg.algo.ppo_epochs}, algo.mini_batches={cfg.algo.mini_batches}: "
+                        "both must be >= 1 (1 and 1 = one optimizer step per training step)")
+    elif cfg.algo.mini_batches > cfg.learner.instances_per_step * cfg.rollout.group_size:
+        problems.append(f"algo.mini_batches={cfg.algo.mini_batches} is more than the rollouts of a step "
+                        f"(learner.instances_per_step x rollout.group_size = "
+                        f"{cfg.learner.instances_per_step * cfg.rollout.group_size}); lower it")
     c = cfg.cluster
     if c.num_gpus > 0:
         need_learner = cfg.learner.num_ranks
