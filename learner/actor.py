@@ -148,8 +148,9 @@ class LearnerWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         elif int(self.cfg.learner.cpu_threads) > 0:
-            # the rollout actor sleeps while a batch trains: on a small CPU machine the learner can
-            # use more cores than Ray reserved for it (measured in the demo: see conf/experiment/demo.yaml)
+            # when the rollout actor sleeps while a batch trains (algo.max_staleness=0) the learner can use
+            # more cores than Ray reserved for it; with overlap, more threads oversubscribe a small CPU
+            # (measured in the demo: see conf/experiment/demo.yaml)
             torch.set_num_threads(int(self.cfg.learner.cpu_threads))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cpu":

@@ -333,8 +333,12 @@ def test_mini_batches_equal_one_training_step_per_rollout_group(ray_local, tiny_
 
 
 @pytest.mark.heavy
-def test_shared_prefix_forward_trains_the_same_weights_under_deepspeed(ray_local, tiny_model):
-    """Two DeepSpeed steps on prompts that share a system prompt: learner.share_prefix on == off."""
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_shared_prefix_forward_trains_the_same_weights_under_deepspeed(ray_local, tiny_model, zero_stage):
+    """Two DeepSpeed steps on prompts that share a system prompt: learner.share_prefix on == off.
+
+    ZeRO-3 gathers parameters in hooks around every module call: the prefix pass and the second
+    pass are two forwards before one backward."""
     import ray
 
     from learner.actor import LearnerGroup
@@ -352,7 +356,7 @@ def test_shared_prefix_forward_trains_the_same_weights_under_deepspeed(ray_local
 
     results = {}
     for share in (True, False):
-        group = LearnerGroup(_cfg(model_dir, share_prefix=share, micro_batch_tokens=80, zero_stage=2))
+        group = LearnerGroup(_cfg(model_dir, share_prefix=share, micro_batch_tokens=80, zero_stage=zero_stage))
         try:
             metrics = [group.train_step(prefixed(seed)) for seed in (1, 2)]
             results[share] = (metrics, ray.get(group.export_weights()))
