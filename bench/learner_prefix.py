@@ -42,7 +42,7 @@ def main() -> int:
     from finemem.sft import build_examples
     from finemem.teacher import TeacherNoise
     from learner.batching import TrainSample, assign_loss_weights, collate, make_micro_batches
-    from learner.loss import policy_loss, sequence_logprobs, shared_prefix_len
+    from learner.loss import first_scored_position, policy_loss, sequence_logprobs, shared_prefix_len
 
     cfg = load_config(args.overrides)
     torch.set_num_threads(args.threads)
@@ -65,9 +65,7 @@ def main() -> int:
     micro = make_micro_batches(samples, int(cfg.learner.micro_batch_tokens))
     batches = [collate([samples[i] for i in idx], pad_id=int(tokenizer.pad_token_id or 0)) for idx in micro]
     tokens = sum(s.num_tokens for s in samples)
-    prefix = [
-        shared_prefix_len(b["input_ids"], int(b["response_mask"].int().argmax(1).min()) - 1) for b in batches
-    ]
+    prefix = [shared_prefix_len(b["input_ids"], first_scored_position(b["response_mask"])) for b in batches]
     print(
         f"{len(samples)} samples, {tokens:,} tokens, {len(batches)} micro-batches of <= "
         f"{cfg.learner.micro_batch_tokens} tokens; shared prefix {min(prefix)}-{max(prefix)} tokens; "

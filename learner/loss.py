@@ -49,9 +49,7 @@ def sequence_logprobs(
     if mask[:, 0].any():
         raise ValueError("sequence_logprobs: position 0 cannot be a response token (it has no context)")
     length = input_ids.shape[1]
-    # the earliest position whose logits score a response token (rows without one count as the end)
-    first_scored = int(torch.where(mask.any(1), mask.int().argmax(1), length).min()) - 1
-    first_scored = max(0, min(first_scored, length - 1))
+    first_scored = first_scored_position(mask)
     prefix = shared_prefix_len(input_ids, first_scored) if share_prefix and _may_share_prefix(model) else 0
     keep = length - first_scored  # logits of positions first_scored .. L-1
     if prefix:
@@ -74,6 +72,14 @@ def sequence_logprobs(
     with torch.no_grad():
         entropy = -(log_probs.exp() * log_probs).sum(-1)
     return out, _scatter_to_positions(entropy, predict)
+
+
+def first_scored_position(response_mask: torch.Tensor) -> int:
+    """The earliest position whose logits score a response token: the first response position
+    minus one over all rows (a row without a response token counts as its last position)."""
+    mask = response_mask.bool()
+    length = mask.shape[1]
+    return int(torch.where(mask.any(1), mask.int().argmax(1), length).min()) - 1
 
 
 def shared_prefix_len(input_ids: torch.Tensor, limit: int) -> int:
