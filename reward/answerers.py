@@ -11,8 +11,11 @@ One interface serves chunk QA, global QA and evaluation:
   exponential backoff, per-request timeouts, and metrics. It also provides the LLM yes/no judge
   (LongMemEval-style sources) and Mem-alpha's memory-content judge through the same client.
 
-A request that still fails after its retries raises `AnswererError` carrying the episode id; the
-scorer scores it 0 only when `reward.answerer.failure_scores_zero` is set.
+A request that still fails after its retries raises `AnswererUnavailable` (an `AnswererError`)
+carrying the episode id and the endpoint; the scorer scores it 0 only when
+`reward.answerer.failure_scores_zero` is set, otherwise the trainer checkpoints and stops with
+`outage_message`. The retry budget: `max_retries` waits of `backoff_s * 2**i` (+ up to 10% jitter),
+each capped at `backoff_max_s` (see `OpenAIChatAnswerer.retry_budget_s`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ CONTENT_JUDGE_SYSTEM = (
 _THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
+BACKOFF_MAX_S = 30.0  # default cap of one retry wait (`reward.answerer.backoff_max_s` where the config has it)
+
+
 class AnswererError(RuntimeError):
     """A request that failed after every retry (or a non-retryable error)."""
 
@@ -57,15 +63,48 @@ class AnswererError(RuntimeError):
         self.episode_id = episode_id
         self.attempts = attempts
 
-    def __reduce__(self):  # keep the fields when Ray pickles the exception across processes
-        return (_rebuild_answerer_error, (self.args[0], self.episode_id, self.attempts))
+    def __reduce__(self):  # keep the class and fields when Ray pickles the exception across processes
+        return (_rebuild_answerer_error, (type(self), self.args[0], dict(self.__dict__)))
 
 
-def _rebuild_answerer_error(text: str, episode_id: str | None, attempts: int) -> AnswererError:
-    err = AnswererError("", None, attempts)
+class AnswererUnavailable(AnswererError):
+    """The endpoint did not answer (connection refused, timeouts, 5xx, 429, garbage) within the
+    retry budget. The trainer turns it into a checkpoint and one stop line (`outage_message`)."""
+
+    def __init__(self, message: str, episode_id: str | None = None, attempts: int = 0,
+                 endpoint: str = "", waited_s: float = 0.0) -> None:
+        super().__init__(message, episode_id, attempts)
+        self.endpoint = endpoint
+        self.waited_s = waited_s
+
+
+def _rebuild_answerer_error(cls: type, text: str, fields: dict[str, Any]) -> AnswererError:
+    err = cls.__new__(cls)
     err.args = (text,)
-    err.episode_id = episode_id
+    err.__dict__.update(fields)
     return err
+
+
+def find_outage(err: BaseException | None) -> AnswererUnavailable | None:
+    """The `AnswererUnavailable` behind `err` (through Ray's task errors and exception chains)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, AnswererUnavailable):
+            return err
+        seen.add(id(err))
+        err = getattr(err, "cause", None) or err.__cause__
+    return None
+
+
+def outage_message(err: BaseException | None) -> str | None:
+    """One line for a run that stops because the answerer stayed down, or None for other errors."""
+    outage = find_outage(err)
+    if outage is None:
+        return None
+    return (f"reward answerer {outage.endpoint or '(endpoint unknown)'} unavailable past its retry budget "
+            f"({' '.join(str(outage).split())}); to wait out longer outages raise reward.answerer.max_retries "
+            "/ reward.answerer.backoff_s, or set reward.answerer.failure_scores_zero=true to score such "
+            "questions 0 and keep training")
 
 
 @runtime_checkable
@@ -167,9 +206,10 @@ class _RetryableError(Exception):
 class OpenAIChatAnswerer:
     """An OpenAI-compatible chat client used as answerer and judge.
 
-    Retries (with backoff `backoff_s * 2**attempt`, plus up to 10% jitter) on connection errors,
-    timeouts, HTTP 429 and 5xx, and malformed responses; other HTTP errors (400, 401, 404) fail at
-    once. The aiohttp session is bound to the running event loop and re-created when the loop
+    Retries (waits `backoff_s * 2**i`, each capped at `backoff_max_s`, plus up to 10% jitter) on
+    connection errors (refused: the endpoint is down or restarting), timeouts, HTTP 429 and 5xx,
+    and malformed responses, then raises `AnswererUnavailable`; other HTTP errors (400, 401, 404)
+    fail at once as `AnswererError`. The aiohttp session is bound to the running event loop and re-created when the loop
     changes, so one answerer can serve several `asyncio.run` calls (call `close()` at the end of
     each loop to release its connections).
     """
@@ -185,18 +225,30 @@ class OpenAIChatAnswerer:
         self.timeout_s = float(cfg.timeout_s)
         self.max_retries = int(cfg.max_retries)
         self.backoff_s = float(cfg.backoff_s)
+        self.backoff_max_s = float(getattr(cfg, "backoff_max_s", BACKOFF_MAX_S))
         self.disable_thinking = bool(cfg.disable_thinking)
         self.api_key = os.environ.get(str(cfg.api_key_env), "") if cfg.api_key_env else ""
         if self.concurrency < 1:
             raise ConfigError(f"answerer concurrency must be >= 1, got {self.concurrency}")
         if self.max_retries < 0:
             raise ConfigError(f"answerer max_retries must be >= 0, got {self.max_retries}")
+        if self.backoff_s < 0 or self.backoff_max_s < 0:
+            raise ConfigError(f"reward.answerer.backoff_s={self.backoff_s:g} (and its cap "
+                              f"{self.backoff_max_s:g} s) must be >= 0")
         self._session: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
         self._counts: Counter[str] = Counter()
         self._latency_sum = 0.0
         self._latency_max = 0.0
+
+    def backoff(self, retry: int) -> float:
+        """The wait before retry number `retry` (1-based), without jitter: doubling, capped."""
+        return min(self.backoff_max_s, self.backoff_s * (2 ** (retry - 1)))
+
+    def retry_budget_s(self) -> float:
+        """How long an endpoint may stay down before a request gives up (waits only, no jitter)."""
+        return sum(self.backoff(r) for r in range(1, self.max_retries + 1))
 
     # ------------------------------------------------------------------ public API
     async def answer(
@@ -244,12 +296,12 @@ class OpenAIChatAnswerer:
         session, sem = self._session_and_semaphore()
         last = "no attempt"
         attempts = 0
+        start = time.monotonic()
         for attempt in range(self.max_retries + 1):
             attempts = attempt + 1
             if attempt:
                 self._counts["retries"] += 1
-                delay = self.backoff_s * (2 ** (attempt - 1))
-                await asyncio.sleep(delay * (1.0 + 0.1 * random.random()))
+                await asyncio.sleep(self.backoff(attempt) * (1.0 + 0.1 * random.random()))
             async with sem:
                 try:
                     return await self._post(session, body)
@@ -260,10 +312,15 @@ class OpenAIChatAnswerer:
                     self._counts["failures"] += 1
                     raise AnswererError(str(e), episode_id, attempts) from None
         self._counts["failures"] += 1
-        raise AnswererError(
-            f"{self.base_url}/chat/completions failed after {attempts} attempts (last: {last})",
+        waited = time.monotonic() - start
+        raise AnswererUnavailable(
+            f"{self.base_url}/chat/completions failed after {attempts} attempts over {waited:.1f} s "
+            f"(last: {last}; reward.answerer.max_retries={self.max_retries}, "
+            f"reward.answerer.backoff_s={self.backoff_s:g})",
             episode_id,
             attempts,
+            endpoint=self.base_url,
+            waited_s=waited,
         )
 
     def metrics(self) -> dict[str, float]:
@@ -311,7 +368,7 @@ class OpenAIChatAnswerer:
                 status = resp.status
         except asyncio.TimeoutError:
             raise _RetryableError("timeout", f"no response within {self.timeout_s:g} s") from None
-        except aiohttp.ClientError as e:
+        except (aiohttp.ClientError, OSError) as e:  # refused, reset, DNS, server gone mid-reply
             raise _RetryableError("connection", f"{type(e).__name__}: {e}") from None
         if status == 429 or status >= 500:
             raise _RetryableError(f"http_{status}", raw[:200].decode("utf-8", "replace"))

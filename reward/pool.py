@@ -4,8 +4,10 @@ Episodes are handed out as actors free up (one in flight per actor, the rest wai
 the driver), and results come back in completion order, so a slow episode never holds up the
 others (no lock-step batches). An actor that dies (`RayActorError`) is replaced by a fresh one and
 its episode goes to the front of the backlog: nothing is lost and nothing is scored twice.
-An episode whose scoring raises (e.g. `AnswererError` after the answerer's retries) is reported
-as `EpisodeScoringError` naming the episode; the pool itself stays usable.
+An episode whose scoring raises (e.g. `AnswererUnavailable` once the answerer's retries are
+spent) is reported as `EpisodeScoringError` naming the episode, with the original exception (not
+Ray's wrapper) in `.cause`; the pool itself stays usable. An answerer endpoint that is down is
+ridden out by the answerer's retries inside the actor: the episode is not failed and not re-run.
 
     pool = RewardPool(cfg)                      # cfg.reward.num_actors actors
     for scored in pool.score_many(episodes):    # ScoredEpisode, as each finishes
@@ -28,11 +30,16 @@ from finemem.records import Episode, EvidenceRecord, ScoredEpisode
 
 
 class EpisodeScoringError(RuntimeError):
-    """Scoring one episode failed inside a reward actor (not an actor death)."""
+    """Scoring one episode failed inside a reward actor (not an actor death).
+
+    `cause` is the exception the actor raised (`reward.answerers.find_outage` looks there)."""
 
     def __init__(self, episode_id: str, cause: BaseException) -> None:
-        super().__init__(f"episode {episode_id}: reward scoring failed: {cause}")
+        cause = getattr(cause, "cause", None) or cause  # unwrap ray.exceptions.RayTaskError
+        text = " ".join(str(cause).split())[:600]
+        super().__init__(f"episode {episode_id}: reward scoring failed: {type(cause).__name__}: {text}")
         self.episode_id = episode_id
+        self.cause = cause
 
 
 class RewardPoolError(RuntimeError):

@@ -36,6 +36,18 @@ class EngineSpec:
     logprobs_mode: "processed_logprobs" (default) reports the log-probability under the distribution
     actually sampled (after temperature / top-k / top-p), which is what an importance ratio needs;
     at temperature 1 without top-k/top-p it equals "raw_logprobs" (log-softmax of the raw logits).
+
+    chunked_prefill: None = off on CPU, vLLM's default (on) on GPU. Why off on CPU: vLLM 0.32 rewinds
+    a seeded request's generator after every step that only prefilled part of it
+    (`GPUModelRunner._bookkeeping_sync`: `gen.set_offset(gen.get_offset() - 4)`), and a CPU
+    generator has no offset, so the first split prefill of a seeded request raises "CPU Generator
+    does not use offset" and kills the EngineCore. Prefills are split whenever several requests'
+    prefills exceed `max_num_batched_tokens` together, e.g. all in-flight requests recomputed after
+    a weight update (`reset_prefix_cache(reset_running_requests=True)`). Without chunked prefill a
+    prefill is scheduled whole or not at all, and vLLM raises `max_num_batched_tokens` to at least
+    `max_model_len`, so every request (prompt + generated tokens) still fits in one step.
+    max_num_batched_tokens: None = vLLM's default (2048 on CPU; max_model_len if larger and chunked
+    prefill is off).
     """
 
     dtype: str = "float32"
@@ -49,6 +61,8 @@ class EngineSpec:
     logprobs_mode: str = "processed_logprobs"
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = None
+    chunked_prefill: bool | None = None
+    max_num_batched_tokens: int | None = None
 
     @classmethod
     def from_config(cls, cfg) -> EngineSpec:
@@ -62,6 +76,19 @@ class EngineSpec:
 
 class EngineUnusableError(RuntimeError):
     """The engine failed mid weight-update (half-loaded weights or a worker stuck in NCCL): restart it."""
+
+
+def resolve_chunked_prefill(spec: EngineSpec, on_cpu: bool) -> bool | None:
+    """`enable_chunked_prefill` for vLLM: off on CPU unless the spec says otherwise (seeded requests
+    would kill the engine, see `EngineSpec`); None (vLLM's default) on GPU. Checks that a request of
+    `max_model_len` tokens still fits one step when prefills cannot be split."""
+    chunked = spec.chunked_prefill
+    if chunked is None and on_cpu:
+        chunked = False
+    if chunked is False and spec.max_num_batched_tokens and spec.max_num_batched_tokens < spec.max_model_len:
+        raise ValueError(f"EngineSpec: max_num_batched_tokens {spec.max_num_batched_tokens} < max_model_len "
+                         f"{spec.max_model_len} without chunked prefill; raise it (or leave it None)")
+    return chunked
 
 
 def _project_root() -> str:
@@ -124,7 +151,12 @@ class EngineActor:
         """
         import torch
 
-        from rollout.weight_sync import checkpoint_is_tied, checkpoint_specs, resolve_transport
+        from rollout.weight_sync import (
+            BROADCAST_BACKENDS,
+            checkpoint_is_tied,
+            checkpoint_specs,
+            resolve_transport,
+        )
 
         if self.engine is not None:
             raise RuntimeError("EngineActor.start called twice")
@@ -135,7 +167,8 @@ class EngineActor:
         self.on_cpu = not cuda
         self.transport = resolve_transport(self.spec.weight_transport, cuda)
         if self.transport == "nccl" and not cuda:
-            raise ValueError("rollout.weight_transport=nccl needs CUDA; use object_store (or auto) on CPU")
+            raise ValueError("rollout.weight_transport=nccl needs CUDA; on CPU use object_store (or auto), or nccl_cpu "
+                             "(the same protocol over gloo)")
         prepare_environment(on_cpu=self.on_cpu)
         if self.transport == "object_store":
             self._expected = checkpoint_specs(self.model_path)
@@ -153,14 +186,19 @@ class EngineActor:
         }
         if self.spec.max_num_seqs:
             kwargs["max_num_seqs"] = self.spec.max_num_seqs
+        chunked = resolve_chunked_prefill(self.spec, self.on_cpu)
+        if chunked is not None:
+            kwargs["enable_chunked_prefill"] = chunked
+        if self.spec.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = self.spec.max_num_batched_tokens
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = self.spec.kv_cache_bytes
         else:
             kwargs["gpu_memory_utilization"] = self.spec.gpu_memory_utilization
             if self.spec.tensor_parallel_size > 1:
                 kwargs["distributed_executor_backend"] = "mp"
-            if self.transport == "nccl":
-                kwargs["weight_transfer_config"] = {"backend": "nccl"}
+        if self.transport in BROADCAST_BACKENDS:  # nccl, or its CPU stand-in nccl_cpu (rollout.cpu_group_transfer)
+            kwargs["weight_transfer_config"] = {"backend": BROADCAST_BACKENDS[self.transport]}
         t1 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         await self.engine.update_weight_version(str(self._version))
@@ -266,7 +304,8 @@ class EngineActor:
         object_store: `payload = [ObjectRef]` (or `[state_dict]` in-process) of a full HF-named
         state dict; it is fetched and validated before generation is paused, so a bad state dict
         raises `WeightSyncError` and the engine keeps serving the old weights.
-        nccl: `payload` = the per-bucket update infos the learner's `NCCLWeightSender` broadcasts.
+        nccl / nccl_cpu: `payload` = the per-bucket update infos the learner's `NCCLWeightSender`
+        broadcasts (`begin` submits this call, `send_bucket` feeds it).
         Generation is paused in "keep" mode (unless already paused by the caller, who then resumes).
         A failure during the load itself marks the engine unusable (`EngineUnusableError`).
         """
@@ -289,7 +328,7 @@ class EngineActor:
                 state = check_state_dict(state, self._expected or {}, self._tied)
             else:
                 if not all(isinstance(info, dict) for info in payload):
-                    raise ValueError("update_weights: nccl payload must be a list of update-info dicts")
+                    raise ValueError(f"update_weights: {self.transport} payload must be a list of update-info dicts")
             t1 = time.perf_counter()
             owns_pause = not self._paused
             if owns_pause:
@@ -315,19 +354,22 @@ class EngineActor:
                             "resume_s": t5 - t4, "total_s": t5 - t0})
             return timings
 
-    # ---- NCCL transport (GPU) -------------------------------------------------------------
+    # ---- NCCL transport (GPU; nccl_cpu is the same protocol over gloo) ---------------------
     def world_size(self) -> int:
-        """Workers of this engine (TP x PP): the ranks it adds to the NCCL weight group."""
+        """Workers of this engine (TP x PP): the ranks it adds to the weight group."""
         self._check_usable()
         return int(self.engine.vllm_config.parallel_config.world_size)
 
     async def init_weight_receiver(self, init_info: dict) -> None:
-        """Join the learner's NCCL group (blocks until every rank joined; see NCCLWeightSender.connect)."""
+        """Join the learner's weight group (blocks until every rank joined; see NCCLWeightSender.connect)."""
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
+        from rollout.weight_sync import BROADCAST_BACKENDS
+
         self._check_usable()
-        if self.transport != "nccl":
-            raise RuntimeError(f"init_weight_receiver needs weight_transport nccl (this engine uses {self.transport})")
+        if self.transport not in BROADCAST_BACKENDS:
+            raise RuntimeError(f"init_weight_receiver needs weight_transport {' or '.join(BROADCAST_BACKENDS)} "
+                               f"(this engine uses {self.transport})")
         await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(init_info)))
 
     async def embedding_sum(self) -> float:

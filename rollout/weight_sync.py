@@ -13,10 +13,13 @@ and shards for tensor parallelism itself.
   through `collective_rpc` into `rollout.worker_ext.WeightSyncExtension`).
 - "nccl" (GPU): vLLM 0.32's native weight transfer with the `nccl` backend (gpu-weight-sync.md).
   One NCCL group joins the learner's rank 0 (NCCL rank 0) with every worker of every engine; each
-  engine gets its own `rank_offset`. The learner's `NCCLWeightSender.send` submits
-  `update_weights(payload=<per-bucket metadata>, version)` to every engine actor and broadcasts the
-  same buckets in the same order; the engine side runs `apply_nccl_weights`.
-  **Written without a GPU: not yet run.**
+  engine gets its own `rank_offset`. The learner's `NCCLWeightSender.begin` submits
+  `update_weights(payload=<per-bucket metadata>, version)` to every engine actor, then
+  `send_bucket` broadcasts the same buckets in the same order; the engine side runs
+  `apply_nccl_weights`. **Not yet run on a GPU.**
+- "nccl_cpu": the same protocol, sender and engine code with only the device ("cpu") and the
+  group (a private gloo group) swapped: `rollout.cpu_group_transfer`. It is how the NCCL
+  protocol is tested without GPUs.
 
 `resolve_transport("auto")` picks nccl when CUDA is available, else object_store.
 """
@@ -34,7 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TRANSPORTS = ("auto", "object_store", "nccl")
+CPU_BACKEND = "nccl_cpu"  # vLLM weight-transfer backend name of the CPU stand-in (rollout.cpu_group_transfer)
+TRANSPORTS = ("auto", "object_store", "nccl", CPU_BACKEND)
+# Transports that use vLLM's weight-transfer API: transport -> vLLM backend name.
+BROADCAST_BACKENDS = {"nccl": "nccl", CPU_BACKEND: CPU_BACKEND}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
@@ -234,6 +240,27 @@ def plan_buckets(specs: list[ParamSpec], bucket_bytes: int) -> list[list[ParamSp
     return buckets
 
 
+def check_packed_alignment(bucket: list[ParamSpec], buffer_size_bytes: int) -> None:
+    """Raise `WeightSyncError` if the packed layout would misalign a tensor of `bucket`.
+
+    The receiver cuts the bucket into chunks exactly as `pack_tensors` does (a chunk closes once its
+    bytes exceed the buffer) and views each tensor's bytes as its dtype in place (vLLM's
+    `unpack_tensor`), which fails unless the tensor starts at a multiple of its element size. One
+    wire dtype always aligns; mixed dtypes may not, and a failure there would kill the engines
+    halfway through a reload, so it is refused before anything is sent.
+    """
+    offset = 0
+    for s in bucket:
+        size = _itemsize(s.dtype)
+        if offset % size:
+            raise WeightSyncError(f"{s.name!r} ({s.dtype}) would start at byte {offset} of a packed chunk, "
+                                  f"not a multiple of {size}: send every tensor in one wire dtype "
+                                  "(module_param_specs(model, wire_dtype))")
+        offset += s.nbytes
+        if offset > buffer_size_bytes:
+            offset = 0
+
+
 def bucket_update_info(bucket: list[ParamSpec]) -> dict[str, list]:
     """vLLM 0.32 `NCCLWeightTransferUpdateInfo` fields of one bucket (no `packed` key: that is init-only)."""
     return {"names": [s.name for s in bucket], "dtype_names": [s.dtype for s in bucket],
@@ -282,31 +309,78 @@ def free_port(address: str = "") -> int:
         return int(s.getsockname()[1])
 
 
+def pynccl_group(master_address: str, master_port: int, world_size: int, rank: int = 0):
+    """`NCCLWeightSender` group factory for CUDA: vLLM's StatelessProcessGroup + PyNccl on the current device."""
+    from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+    return trainer_init({"master_address": master_address, "master_port": int(master_port),
+                         "world_size": int(world_size)}, rank=rank)
+
+
+def cpu_group(master_address: str, master_port: int, world_size: int, rank: int = 0):
+    """`NCCLWeightSender` group factory for device "cpu": the gloo stand-in (`rollout.cpu_group_transfer`)."""
+    from rollout.cpu_group_transfer import gloo_group
+
+    return gloo_group(master_address, master_port, world_size, rank)
+
+
+@dataclass
+class _Round:
+    """One weight push in progress (between `begin` and `end`)."""
+
+    buckets: list[list[ParamSpec]]
+    refs: list
+    version: int
+    deadline: float
+    started: float
+    sent: int = 0
+    broadcast_s: float = 0.0
+
+
 class NCCLWeightSender:
-    """Learner rank 0's end of the NCCL transport (GPU; **not yet run on a GPU**).
+    """Learner rank 0's end of the broadcast weight transport (nccl on GPU, nccl_cpu on CPU).
 
-    Usage (ZeRO 0-2: only rank 0 does this; the other ranks wait at a barrier):
-        sender = NCCLWeightSender(engine_handles)      # EngineActor handles, started with transport nccl
-        sender.connect()                               # once; joins every engine worker in one NCCL group
+    `device` is where the wire tensors live ("cuda", "cuda:N" or "cpu"); `group_factory(master_address,
+    master_port, world_size, rank=0)` opens the sender's end of the group. The defaults follow the device:
+    PyNccl for CUDA (`pynccl_group`), the gloo stand-in for CPU (`cpu_group`). Nothing else differs.
+
+    ZeRO 0-2 (full parameters on rank 0; only rank 0 does this, the other ranks wait at a barrier):
+        sender = NCCLWeightSender(engine_handles)      # EngineActor handles (transport nccl / nccl_cpu)
+        sender.connect()                               # once; joins every engine worker in one group
         specs = module_param_specs(ds_engine.module, "bfloat16")
-        sender.send(specs, named_tensors(ds_engine.module), version=step)
-    `tensors` must yield `(name, tensor)` in exactly the order and with the names/shapes of `specs`;
-    each tensor is cast to the spec's dtype, moved to the current CUDA device and made contiguous
-    here. For ZeRO-3 the iterator may gather lazily: it runs on this (the caller's) thread, bucket
-    by bucket, on the default stream, and each bucket is fully materialized (and synchronized)
-    before its broadcast starts (the TRL #6798 deadlock pattern is avoided); yield clones.
+        sender.send(specs, ((s.name, full_tensor_of(s.name)) for s in specs), version=step)
+    ZeRO-3: gathering is a collective, so ALL ranks gather each bucket together, and only rank 0 sends:
+        buckets = sender.begin(specs, step)            # rank 0; broadcast the bucket plan to the other ranks
+        for bucket in buckets:                         # every rank
+            with deepspeed.zero.GatheredParameters(params_of(bucket), modifier_rank=None):
+                if rank == 0:
+                    sender.send_bucket([(s.name, full_tensor_of(s.name)) for s in bucket])
+        sender.end()                                   # rank 0
+    Never hand `send` an iterator that gathers lazily under ZeRO-3: only rank 0 iterates it, so the
+    other ranks never join the gather and every rank hangs.
 
-    The broadcast of each bucket runs on a daemon thread while this thread watches the engines'
-    `update_weights` calls: if an engine fails first, `send` raises instead of hanging in NCCL.
-    After any failure the group is unusable: restart the engines and build a new sender (new port).
+    `send_bucket` takes the bucket's `(name, tensor)` pairs in plan order, ideally already on the sender's
+    device in the wire dtype: a tensor is cast or moved only when it is not (one `.to`, never through
+    the host); it is not cloned, so keep it unchanged until `send_bucket` returns.
+
+    Each bucket's broadcast runs on a daemon thread while this thread watches the engines'
+    `update_weights` calls: if an engine fails first, the call raises instead of hanging in the
+    collective. After any failure (including a bucket that does not match the plan) the group is
+    unusable: every later call raises; restart the engines and build a new sender (new port).
     """
 
-    def __init__(self, engines: list, *, master_address: str | None = None, master_port: int | None = None,
+    def __init__(self, engines: list, *, device: str | None = None, group_factory=None,
+                 master_address: str | None = None, master_port: int | None = None,
                  packed_buffer_size_bytes: int = 256 * 1024 * 1024, packed_num_buffers: int = 2,
                  bucket_bytes: int = 1024 * 1024 * 1024, timeout_s: float = 600.0):
         if not engines:
             raise ValueError("NCCLWeightSender needs at least one engine actor")
         self.engines = list(engines)
+        self.device_name = device or "cuda"
+        if self.device_name.split(":")[0] not in ("cuda", "cpu"):
+            raise ValueError(f"NCCLWeightSender device {device!r}: use 'cuda', 'cuda:N' or 'cpu'")
+        on_cpu = self.device_name == "cpu"
+        self.group_factory = group_factory or (cpu_group if on_cpu else pynccl_group)
         self.master_address = master_address
         self.master_port = master_port
         self.packed_buffer_size_bytes = int(packed_buffer_size_bytes)
@@ -314,117 +388,223 @@ class NCCLWeightSender:
         self.bucket_bytes = int(bucket_bytes)
         self.timeout_s = float(timeout_s)
         self.group = None
-        self.device = None
+        self.device = None  # torch.device, set by connect()
         self.broken: str | None = None
+        self._round: _Round | None = None
 
-    def connect(self) -> dict[str, Any]:
-        """Open the NCCL group: every engine's workers and this process (rank 0) join concurrently."""
+    # ---- state checks -------------------------------------------------------------------------
+    def _check_usable(self, what: str) -> None:
+        if self.broken:
+            raise RuntimeError(f"NCCLWeightSender.{what}: the weight group is unusable after a failure "
+                               f"({self.broken}); restart the engines and build a new sender (new port)")
+        if self.group is None:
+            raise RuntimeError(f"NCCLWeightSender.{what} before connect()")
+
+    def _fail(self, error: BaseException) -> None:
+        """Record the first failure: the group is now unusable (a peer may be stuck in a collective)."""
+        if not self.broken:
+            self.broken = repr(error)
+
+    def _active_round(self, what: str) -> _Round:
+        self._check_usable(what)
+        if self._round is None:
+            raise RuntimeError(f"NCCLWeightSender.{what} without begin()")
+        return self._round
+
+    def _run_watched(self, fn, refs: list, deadline: float, what: str):
+        """Run `fn` on a daemon thread; raise an engine call's error, or a timeout, as soon as it happens."""
         import ray
-        import torch
-        from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
-        t0 = time.perf_counter()
-        self.device = torch.cuda.current_device()
-        torch.cuda.set_device(self.device)  # PyNccl uses the current device
-        address = self.master_address or ray.util.get_node_ip_address()
-        port = self.master_port or free_port()
-        sizes = ray.get([e.world_size.remote() for e in self.engines], timeout=self.timeout_s)
-        payloads = nccl_init_payloads(sizes, address, port, packed_buffer_size_bytes=self.packed_buffer_size_bytes,
-                                      packed_num_buffers=self.packed_num_buffers)
-        # The workers block in init until all ranks join: submit theirs first, then open ours.
-        refs = [e.init_weight_receiver.remote(p) for e, p in zip(self.engines, payloads)]
-        try:
-            self.group = trainer_init({"master_address": address, "master_port": port,
-                                       "world_size": payloads[0]["world_size"]}, rank=0)
-            ray.get(refs, timeout=self.timeout_s)
-        except Exception as e:
-            self.broken = f"connect failed: {e!r}"
-            raise
-        return {"connect_s": time.perf_counter() - t0, "world_size": float(payloads[0]["world_size"])}
-
-    def _broadcast_async(self, pairs: list) -> tuple[threading.Thread, list]:
-        from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
-
-        error: list = []
+        result, error = [], []
 
         def run():
-            import torch
-
             try:
-                torch.cuda.set_device(self.device)  # the current device is per thread
-                packed_nccl_broadcast_producer(iter(pairs), self.group, src=0, post_iter_func=lambda x: x[1],
-                                               buffer_size_bytes=self.packed_buffer_size_bytes,
-                                               num_buffers=self.packed_num_buffers)
-            except BaseException as e:  # noqa: BLE001 (re-raised by the watcher on the caller's thread)
+                if self.device.type == "cuda":
+                    import torch
+
+                    torch.cuda.set_device(self.device)  # the current device is per thread
+                result.append(fn())
+            except BaseException as e:  # noqa: BLE001 (re-raised below, on the caller's thread)
                 error.append(e)
 
-        thread = threading.Thread(target=run, name="nccl-weight-broadcast", daemon=True)
+        thread = threading.Thread(target=run, name="finemem-weight-group", daemon=True)
         thread.start()
-        return thread, error
-
-    def _watch(self, thread: threading.Thread, error: list, refs: list, deadline: float) -> None:
-        """Wait for one bucket's broadcast; fail fast if an engine call fails or time runs out."""
-        import ray
-
         while thread.is_alive():
             thread.join(timeout=0.5)
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             for ref in done:
-                ray.get(ref)  # raises the engine's error (an engine cannot finish before our broadcast)
-            if time.monotonic() > deadline:
-                raise TimeoutError("NCCL weight broadcast did not finish in time")
+                ray.get(ref)  # raises an engine's error
+            if thread.is_alive() and time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not finish within {self.timeout_s:.0f}s")
         if error:
             raise error[0]
+        return result[0]
 
-    def send(self, specs: list[ParamSpec], tensors: Iterable[tuple[str, Any]], version: int) -> dict[str, float]:
-        """Push one full set of weights to every engine and set their policy version; returns timings."""
+    # ---- protocol -----------------------------------------------------------------------------
+    def connect(self) -> dict[str, Any]:
+        """Open the group: every engine's workers and this process (rank 0) join concurrently."""
         import ray
         import torch
 
-        if self.group is None:
-            raise RuntimeError("NCCLWeightSender.send before connect()")
-        if self.broken:
-            raise RuntimeError(f"NCCL weight group is unusable ({self.broken}); restart engines and reconnect")
+        if self.group is not None or self.broken:
+            raise RuntimeError("NCCLWeightSender.connect: already connected (or failed); build a new sender")
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.timeout_s
-        buckets = plan_buckets(specs, self.bucket_bytes)
+        device = torch.device(self.device_name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        address = self.master_address or ray.util.get_node_ip_address()
+        port = self.master_port or free_port()
+        try:
+            sizes = ray.get([e.world_size.remote() for e in self.engines], timeout=self.timeout_s)
+            payloads = nccl_init_payloads(sizes, address, port,
+                                          packed_buffer_size_bytes=self.packed_buffer_size_bytes,
+                                          packed_num_buffers=self.packed_num_buffers)
+            world = payloads[0]["world_size"]
+            # The workers block in init until all ranks join: submit theirs first, then open ours.
+            refs = [e.init_weight_receiver.remote(p) for e, p in zip(self.engines, payloads)]
+            self.group = self._run_watched(lambda: self.group_factory(address, port, world, rank=0), refs,
+                                           time.monotonic() + self.timeout_s, "opening the weight group")
+            ray.get(refs, timeout=self.timeout_s)
+        except BaseException as e:
+            self._fail(e)
+            raise
+        return {"connect_s": time.perf_counter() - t0, "world_size": float(world)}
+
+    def begin(self, specs: list[ParamSpec], version: int) -> list[list[ParamSpec]]:
+        """Plan the buckets and submit every engine's `update_weights(infos, version)`; returns the buckets.
+
+        Send each returned bucket with `send_bucket`, in order, then call `end`.
+        """
+        self._check_usable("begin")
+        if self._round is not None:
+            raise RuntimeError("NCCLWeightSender.begin: the previous push was not ended (call end())")
+        names = [s.name for s in specs]
+        if not names:
+            raise WeightSyncError("NCCLWeightSender.begin: no parameters to send")
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise WeightSyncError(f"NCCLWeightSender.begin: parameter {dup!r} appears twice in specs")
+        buckets = plan_buckets(list(specs), self.bucket_bytes)
+        for bucket in buckets:
+            check_packed_alignment(bucket, self.packed_buffer_size_bytes)
         infos = [bucket_update_info(b) for b in buckets]
-        refs = [e.update_weights.remote(infos, version) for e in self.engines]
+        started = time.perf_counter()
+        try:
+            refs = [e.update_weights.remote(infos, int(version)) for e in self.engines]
+        except BaseException as e:
+            self._fail(e)
+            raise
+        self._round = _Round(buckets=buckets, refs=refs, version=int(version), started=started,
+                             deadline=time.monotonic() + self.timeout_s)
+        return buckets
+
+    def _wire_pairs(self, index: int, bucket: list[ParamSpec], pairs: list) -> list:
+        import torch
+
+        if len(pairs) != len(bucket):
+            raise WeightSyncError(f"bucket {index} was planned with {len(bucket)} tensors "
+                                  f"({bucket[0].name!r} .. {bucket[-1].name!r}), got {len(pairs)}")
+        out = []
+        for spec, pair in zip(bucket, pairs):
+            name, tensor = pair
+            if name != spec.name:
+                raise WeightSyncError(f"bucket {index}: got {name!r} where {spec.name!r} was planned "
+                                      "(send the tensors in the order of the specs given to begin)")
+            if not isinstance(tensor, torch.Tensor):
+                raise WeightSyncError(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
+            if tuple(tensor.shape) != spec.shape:
+                raise WeightSyncError(f"{name!r}: shape {tuple(tensor.shape)} != planned {spec.shape} "
+                                      "(a ZeRO-3 partition? gather the bucket first)")
+            t = tensor.detach()
+            dtype = getattr(torch, spec.dtype)
+            if t.device != self.device or t.dtype != dtype:
+                t = t.to(device=self.device, dtype=dtype)
+            out.append((name, t))
+        return out
+
+    def _produce(self, pairs: list) -> None:
+        """The packed broadcast of one bucket (vLLM's producer on CUDA, its stream-free twin on CPU)."""
+        if self.device.type == "cuda":
+            from vllm.distributed.weight_transfer.packed_tensor import (
+                packed_nccl_broadcast_producer as producer,
+            )
+        else:
+            from rollout.cpu_group_transfer import packed_broadcast_producer as producer
+        producer(iter(pairs), self.group, src=0, post_iter_func=lambda x: x[1],
+                 buffer_size_bytes=self.packed_buffer_size_bytes, num_buffers=self.packed_num_buffers)
+
+    def send_bucket(self, pairs: list[tuple[str, Any]]) -> None:
+        """Broadcast the next planned bucket: `pairs` are its `(name, full tensor)` in plan order."""
+        r = self._active_round("send_bucket")
+        index = r.sent
+        try:
+            if index >= len(r.buckets):
+                raise WeightSyncError(f"send_bucket: all {len(r.buckets)} planned buckets were sent; call end()")
+            wire = self._wire_pairs(index, r.buckets[index], list(pairs))
+            t0 = time.perf_counter()
+            if self.device.type == "cuda":
+                import torch
+
+                torch.cuda.current_stream(self.device).synchronize()  # gathers/casts done before another stream reads
+            self._run_watched(lambda: self._produce(wire), r.refs, r.deadline,
+                              f"broadcast of bucket {index}/{len(r.buckets)}")
+            r.broadcast_s += time.perf_counter() - t0
+        except BaseException as e:
+            self._fail(e)
+            raise
+        r.sent += 1
+
+    def end(self) -> dict[str, float]:
+        """Wait for every engine to finish loading (and to take the version); returns timings."""
+        import ray
+
+        r = self._active_round("end")
+        t1 = time.perf_counter()
+        try:
+            if r.sent != len(r.buckets):
+                raise WeightSyncError(f"end() after {r.sent} of {len(r.buckets)} planned buckets: "
+                                      "send every bucket begin() returned")
+            results = ray.get(r.refs, timeout=max(1.0, r.deadline - time.monotonic()))
+        except BaseException as e:
+            self._fail(e)
+            raise
+        self._round = None
+        t2 = time.perf_counter()
+        specs = [s for b in r.buckets for s in b]
+        out = {"broadcast_s": r.broadcast_s, "engine_wait_s": t2 - t1, "total_s": t2 - r.started,
+               "bytes": float(sum(s.nbytes for s in specs)), "buckets": float(len(r.buckets))}
+        for key in ("pause_s", "load_s", "reset_s"):
+            out[f"engine_max_{key}"] = max(float(res.get(key, 0.0)) for res in results)
+        return out
+
+    def send(self, specs: list[ParamSpec], tensors: Iterable[tuple[str, Any]], version: int) -> dict[str, float]:
+        """begin + send_bucket per bucket + end, from `(name, tensor)` pairs in the order of `specs`.
+
+        Rank 0 only, with full parameters (ZeRO 0-2): see the class doc for ZeRO-3.
+        """
+        buckets = self.begin(specs, version)
         it: Iterator = iter(tensors)
         try:
             for bucket in buckets:
                 pairs = []
                 for spec in bucket:
-                    try:
-                        name, tensor = next(it)
-                    except StopIteration:
-                        raise WeightSyncError(f"tensors ended before {spec.name!r}") from None
-                    if name != spec.name or tuple(tensor.shape) != spec.shape:
-                        raise WeightSyncError(f"tensor {name!r} {tuple(tensor.shape)} does not match spec "
-                                              f"{spec.name!r} {spec.shape}")
-                    t = tensor.detach().to(device=f"cuda:{self.device}", dtype=getattr(torch, spec.dtype))
-                    pairs.append((name, t.contiguous()))
-                torch.cuda.current_stream().synchronize()  # gathers/casts complete before another stream reads
-                thread, error = self._broadcast_async(pairs)
-                self._watch(thread, error, refs, deadline)
+                    item = next(it, None)
+                    if item is None:
+                        raise WeightSyncError(f"tensors ended before {spec.name!r}")
+                    pairs.append(item)
+                self.send_bucket(pairs)
             if next(it, None) is not None:
-                raise WeightSyncError("tensors yielded more entries than specs")
-            t1 = time.perf_counter()
-            results = ray.get(refs, timeout=max(1.0, deadline - time.monotonic()))
+                raise WeightSyncError(f"tensors yielded more entries than the {len(specs)} specs")
         except BaseException as e:
-            self.broken = repr(e)
+            self._fail(e)
             raise
-        t2 = time.perf_counter()
-        out = {"broadcast_s": t1 - t0, "engine_wait_s": t2 - t1, "total_s": t2 - t0,
-               "bytes": float(sum(s.nbytes for s in specs)), "buckets": float(len(buckets))}
-        for key in ("pause_s", "load_s", "reset_s"):
-            out[f"engine_max_{key}"] = max(float(r.get(key, 0.0)) for r in results)
-        return out
+        return self.end()
 
     def close(self) -> None:
         if self.group is not None:
             try:
                 self.group.destroy()
             except Exception as e:  # noqa: BLE001 (a broken group may fail to tear down; nothing to do)
-                warnings.warn(f"NCCL weight group teardown failed: {e!r}", stacklevel=2)
+                warnings.warn(f"weight group teardown failed: {e!r}", stacklevel=2)
             self.group = None

@@ -15,11 +15,32 @@ Why these steps (cpu-stack.md section 4):
   embedding would silently stay old: it is re-processed from the (updated) shared weight.
 Method names carry a `finemem_` prefix because vLLM refuses extension attributes that clash
 with the worker's own.
+
+Importing this module also registers the `nccl_cpu` weight-transfer backend
+(`rollout.cpu_group_transfer`, the CPU stand-in for `nccl`) with vLLM's factory: vLLM imports the
+extension in `init_worker`, before `load_model` creates the worker's weight-transfer engine. The
+registration is lazy (a module path), so this import stays light.
 """
 
 from __future__ import annotations
 
 import time
+
+
+def register_cpu_weight_backend() -> None:
+    """Register `nccl_cpu` with vLLM's worker-side `WeightTransferEngineFactory` (idempotent)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    from rollout.weight_sync import CPU_BACKEND
+
+    try:
+        WeightTransferEngineFactory.register_engine(CPU_BACKEND, "rollout.cpu_group_transfer",
+                                                    "CPUBroadcastWeightTransferEngine")
+    except ValueError:  # already registered (module re-imported in one process)
+        pass
+
+
+register_cpu_weight_backend()
 
 
 def refresh_tied_lm_head(model) -> bool:

@@ -166,3 +166,27 @@ def test_split_mini_batches_keeps_rollouts_whole_and_reweights_each_part():
     assert len(split_mini_batches(samples, 9)) == 5  # at most one mini-batch per rollout
     with pytest.raises(ValueError, match="mini_batches"):
         split_mini_batches(samples, 0)
+
+
+def test_drop_stale_rollouts_drops_whole_rollouts_and_reweights_the_rest():
+    from learner.batching import drop_stale_rollouts
+
+    # r1's middle step was generated 2 versions back (its episode straddled a weight sync)
+    versions = {"r0": (5, 5, 5), "r1": (5, 3, 5), "r2": (4, 4, 5), "r3": (5, 5, 5)}
+    samples = [
+        TrainSample([1, 2], [3] * n, [0.0] * n, 1.0, key, v, step=t)
+        for key, vs in versions.items() for t, (v, n) in enumerate(zip(vs, (1, 2, 4)))
+    ]
+    assign_loss_weights(samples)
+    kept, stats = drop_stale_rollouts(samples, version=5, max_staleness=1)
+    assert stats == {"dropped_rollouts": 1.0, "dropped_samples": 3.0}
+    assert [(s.rollout_key, s.step) for s in kept] == [(k, t) for k in ("r0", "r2", "r3") for t in range(3)]
+    assert sum(s.loss_weight * len(s.response_ids) for s in kept) == pytest.approx(1.0)
+    for s in kept:  # token mean per sample, mean over the rollout's 3 samples, mean over 3 kept rollouts
+        assert s.loss_weight * len(s.response_ids) == pytest.approx(1 / (3 * 3))
+    assert all(s.policy_version >= 4 for s in kept)
+
+    fresh, none_dropped = drop_stale_rollouts(kept, version=5, max_staleness=2)
+    assert fresh == kept and none_dropped == {"dropped_rollouts": 0.0, "dropped_samples": 0.0}
+    gone, all_dropped = drop_stale_rollouts(samples, version=9, max_staleness=1)
+    assert gone == [] and all_dropped == {"dropped_rollouts": 4.0, "dropped_samples": 12.0}

@@ -56,3 +56,36 @@ def test_config_show_cli():
     bad = subprocess.run([sys.executable, "-m", "finemem.cli", "config", "show", "learner.zz=1"],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "learner.zz" in bad.stderr
+
+
+def test_reward_metric_is_checked_at_load_against_the_scorer_metrics(tmp_path):
+    from finemem.scoring import METRICS
+
+    with pytest.raises(ConfigError, match=r"reward\.metric='mab': choose one of auto, .*substring_exact_match") as e:
+        load_config(["reward.metric=mab"])
+    assert "\n" not in str(e.value)
+    for name in ("auto", *METRICS):
+        assert load_config([f"reward.metric={name}"]).reward.metric == name
+    with pytest.raises(ConfigError, match=r"reward\.chunk_qa_metric='llm_judge'"):
+        load_config(["reward.chunk_qa_metric=llm_judge"])  # chunk questions are scored without a judge
+    (tmp_path / "config.yaml").write_text("reward:\n  metric: mab\n")
+    with pytest.raises(ConfigError, match=r"reward\.metric"):
+        from_yaml_file(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("rollout.temperature=0", r"rollout\.temperature"), ("rollout.top_p=0.9", r"rollout\.top_p")],
+)
+def test_training_refuses_sampling_the_learner_cannot_reproduce(override, key, tmp_path):
+    from finemem.config import validate_training
+    from learner.trainer import build_config
+
+    cfg = load_config([override])  # fine for evaluation or `finemem rollout`
+    with pytest.raises(ConfigError, match=key) as e:
+        validate_training(cfg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=key):
+        build_config([override, f"run.out_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+    validate_training(load_config(["rollout.temperature=0.7"]))

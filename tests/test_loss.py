@@ -227,3 +227,58 @@ def test_gradient_checkpointing_falls_back_to_full_sequences():
     assert torch.allclose(lp, plain_lp, atol=1e-5)
     for name, g in plain_grads.items():
         assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_logprobs_are_of_the_rollout_temperature_so_the_on_policy_ratio_is_one(temperature):
+    """The engine reports logprobs of the tempered distribution (vLLM processed_logprobs):
+    log_softmax(logits / T). The learner must score that same distribution, entropy included."""
+    model = _tiny_model(0).eval()
+    samples = _random_samples(random.Random(5), n_rollouts=2, steps=2)
+    assign_loss_weights(samples)
+    entropies = []
+    with torch.no_grad():
+        for s in samples:  # behaviour logprobs computed by hand, one unbatched sequence at a time
+            p = len(s.prompt_ids)
+            logits = model(input_ids=torch.tensor([s.prompt_ids + s.response_ids])).logits[0, p - 1:-1].float()
+            lp = torch.log_softmax(logits / temperature, -1)
+            s.old_logprobs = lp.gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1).tolist()
+            entropies.append(-(lp.exp() * lp).sum(-1))
+        batch = collate(samples)
+        args = (model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        logp, ent = sequence_logprobs(*args, with_entropy=True, temperature=temperature)
+        untempered = sequence_logprobs(*args)
+    mask = batch["response_mask"]
+    assert torch.allclose(logp[mask], batch["old_logprobs"][mask], atol=1e-5)
+    assert torch.allclose(ent[mask], torch.cat(entropies), atol=1e-5)
+    assert (untempered[mask] - batch["old_logprobs"][mask]).abs().max() > 1e-2  # temperature 1 is off-policy
+    _, m = policy_loss(logp, batch["old_logprobs"], batch["advantages"], batch["token_weights"], mask)
+    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert m["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert m["clip_frac"] == 0.0
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_greedy_temperature_is_refused(temperature):
+    model = _tiny_model(0)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="temperature"):
+        sequence_logprobs(model, ids, torch.ones_like(ids), torch.tensor([[False, True, True]]), temperature=temperature)
+
+
+@pytest.mark.parametrize("log_ratio", [15.0, -15.0])
+def test_k3_kl_of_one_far_token_is_bounded(log_ratio):
+    """k3 = exp(d) - d - 1 is about 3.3e6 at d = 15 (14 at d = -15); each token's value is capped at 10."""
+    from learner.loss import KL_VALUE_CLAMP
+
+    mask = torch.tensor([[False, True, True]])
+    logp = torch.tensor([[0.0, -16.0, -1.0]], requires_grad=True)
+    ref = logp.detach() + torch.tensor([[0.0, log_ratio, 0.1]])
+    weights = torch.tensor([0.5])  # two response tokens: weights sum to 1
+    loss, m = policy_loss(logp, logp.detach(), torch.zeros(1), weights, mask, ref_logprobs=ref, kl_coef=1.0)
+    near = math.exp(0.1) - 0.1 - 1.0
+    assert KL_VALUE_CLAMP == 10.0
+    assert m["kl"] == pytest.approx(0.5 * (KL_VALUE_CLAMP + near), rel=1e-5)
+    loss.backward()
+    assert float(logp.grad[0, 1]) == 0.0  # the capped token pushes no gradient
+    assert float(logp.grad[0, 2]) == pytest.approx(0.5 * (1.0 - math.exp(0.1)), rel=1e-4)  # d(k3)/d(logp)

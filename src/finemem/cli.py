@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 # (command words) -> "module:function"; the function takes the remaining argv and returns an exit code.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("config", "show"): ("finemem.commands:config_show", "print the resolved configuration"),
+    ("doctor",): ("finemem.doctor:cli", "check Python, packages, vLLM, Ray, DeepSpeed, GPUs, answerer, disk"),
     ("data", "synth"): ("finemem.data.synth:cli", "generate seeded synthetic Memalpha-format instances"),
     ("data", "inspect"): ("finemem.data.inspect:cli", "counts per source, chunks, tokens, questions"),
     ("data", "chunk-qa"): ("reward.chunk_qa:cli", "generate and verify chunk-level QA with LLM endpoints"),
@@ -50,6 +52,11 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -67,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as e:
                 print(f"finemem: config error: {e}", file=sys.stderr)
                 return 2
+            except Exception as e:  # noqa: BLE001 (the last line of a failed job's log says why)
+                # The traceback first, then one line that `ray job logs ... | tail -1` shows.
+                traceback.print_exc()
+                print(f"finemem: error: {_one_line(e)}", file=sys.stderr)
+                return 1
     print(f"finemem: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

@@ -117,7 +117,7 @@ class RewardConfig:
     compression_weight: float = 0.05
     content_weight: float = 0.1  # Mem-alpha content judge
     skip_format_score: float = 1.0  # Fine-Mem (ours) 1.0; Mem-alpha 0.0
-    metric: str = "auto"  # auto (by data_source) | substring | mab
+    metric: str = "auto"  # auto (by data_source) | a name of finemem.scoring.METRICS (validate_config)
     num_actors: int = 2
     answerer: AnswererConfig = field(default_factory=AnswererConfig)
     chunk_qa_metric: str = "substring_exact_match"  # chunk QA are factoids, whatever the data source (ours)
@@ -139,6 +139,7 @@ class RolloutConfig:
     engine_seed: int = 0
     actor_num_cpus: float = 1.0  # Ray CPUs reserved per rollout actor
     weight_transport: str = "auto"  # auto (nccl with CUDA, else object_store) | object_store | nccl
+    max_restarts: int = 3  # rollout actors the trainer may replace in one run before it stops
 
 
 @dataclass
@@ -204,6 +205,12 @@ class ClusterConfig:
     answerer_serve: bool = False  # start `vllm serve` for the answerer inside the job
     answerer_port: int = 8000
     answerer_tensor_parallel: int = 1
+    # Ray custom resources each learner rank / each rollout engine reserves, e.g. {node_learner: 0.01}
+    # with `ray start --resources '{"node_learner": 1}'` on the node that should run the learner.
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    rollout_resources: dict[str, float] = field(default_factory=dict)
+    answerer_max_model_len: int = 16384  # `vllm serve --max-model-len` (the tiny model's context: 2048)
+    answerer_cpu_kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE of the served answerer (GiB)
 
 
 @dataclass
@@ -263,6 +270,42 @@ class ConfigError(ValueError):
     """A configuration that cannot be loaded; the message names the key and what to change."""
 
 
+def validate_config(cfg: Any) -> None:
+    """Checks that hold for every command, run at load: values that would only fail deep inside
+    a Ray actor (the reward scorer) fail here, naming the key and the valid choices."""
+    from finemem.scoring import METRICS
+
+    metric = str(cfg.reward.metric)
+    if metric not in ("auto", *METRICS):
+        raise ConfigError(f"reward.metric={metric!r}: choose one of auto, {', '.join(METRICS)}")
+    # chunk questions are scored without a judge (reward.scorer.chunk_question), so no llm_judge
+    chunk_metrics = tuple(m for m in METRICS if m != "llm_judge")
+    chunk = str(cfg.reward.chunk_qa_metric)
+    if chunk not in chunk_metrics:
+        raise ConfigError(f"reward.chunk_qa_metric={chunk!r}: choose one of {', '.join(chunk_metrics)}")
+
+
+def validate_training(cfg: Any) -> None:
+    """Checks for `finemem train` on top of `validate_config`: sampling the learner can reproduce.
+
+    The engine reports the logprobs of the distribution it sampled from (after temperature and
+    top-p); the learner recomputes them as `log_softmax(logits / rollout.temperature)` over the full
+    vocabulary (`learner.loss.sequence_logprobs`). A greedy rollout (temperature 0) has no such
+    distribution, and a top-p truncation would make the ratio differ from 1 even on-policy.
+    """
+    validate_config(cfg)
+    temperature = float(cfg.rollout.temperature)
+    if not temperature > 0:
+        raise ConfigError(
+            f"rollout.temperature={temperature}: training needs sampled rollouts (> 0; greedy ones cannot be trained on)"
+        )
+    top_p = float(cfg.rollout.top_p)
+    if top_p != 1.0:
+        raise ConfigError(
+            f"rollout.top_p={top_p}: the learner does not apply top-p truncation to its logprobs; set rollout.top_p=1.0"
+        )
+
+
 def _load_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -272,13 +315,27 @@ def _load_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: cannot parse YAML: {e}") from e
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _merge(base, other, where: str):
     try:
         return OmegaConf.merge(base, other)
+    except (OmegaConfBaseException, TypeError) as e:  # TypeError: a list merged into a dict or back
+        key = getattr(e, "full_key", None)
+        bad = f"bad config key {key!r}: " if key else ""
+        raise ConfigError(f"{where}: {bad}{_first_line(e)}") from e
+
+
+def _check_resolves(cfg: Any) -> None:
+    """`${...}` values resolve only when read; resolve them all now, so a bad one fails at load
+    naming its key instead of deep inside a command."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{where}: bad config key '{key}': {first_line}") from e
+        raise ConfigError(f"bad config key {key!r}: cannot resolve its value: {_first_line(e)}") from e
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: str | Path | None = None) -> FineMemConfig:
@@ -290,7 +347,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: str | P
     plain: list[str] = []
     for ov in overrides:
         if "=" not in ov:
-            raise ConfigError(f"override '{ov}' is not of the form key=value")
+            raise ConfigError(f"override {ov!r} is not of the form key=value")
         key, value = ov.split("=", 1)
         if key in GROUPS:
             group_choice[key] = value
@@ -315,7 +372,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: str | P
             gpath = cdir / g / f"{name}.yaml"
             if not gpath.is_file():
                 options = sorted(p.stem for p in (cdir / g).glob("*.yaml"))
-                raise ConfigError(f"{g}={name}: no file {gpath} (choose one of: {', '.join(options)})")
+                raise ConfigError(f"{g}={name!r}: no such file in {cdir / g} (choose one of: {', '.join(options)})")
             cfg = _merge(cfg, _load_yaml(gpath), str(gpath))
         cfg = _merge(cfg, body, str(defaults_path))
     elif group_choice:
@@ -324,14 +381,18 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: str | P
         epath = cdir / "experiment" / f"{experiment}.yaml"
         if not epath.is_file():
             options = sorted(p.stem for p in (cdir / "experiment").glob("*.yaml"))
-            raise ConfigError(f"experiment={experiment}: no file {epath} (choose one of: {', '.join(options)})")
+            raise ConfigError(
+                f"experiment={experiment!r}: no such file in {cdir / 'experiment'} (choose one of: {', '.join(options)})"
+            )
         cfg = _merge(cfg, _load_yaml(epath), str(epath))
-    if plain:
+    for ov in plain:  # one at a time, so an error names the override that caused it
         try:
-            dotlist = OmegaConf.from_dotlist(plain)
-        except Exception as e:
-            raise ConfigError(f"cannot parse overrides {plain}: {e}") from e
-        cfg = _merge(cfg, dotlist, "command line")
+            dotlist = OmegaConf.from_dotlist([ov])
+        except Exception as e:  # YAML or interpolation grammar errors in the value
+            raise ConfigError(f"override {ov!r}: cannot parse the value: {' '.join(str(e).split())}") from e
+        cfg = _merge(cfg, dotlist, f"override {ov!r}")
+    _check_resolves(cfg)
+    validate_config(cfg)
     return cfg  # type: ignore[return-value]
 
 
@@ -350,4 +411,6 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 def from_yaml_file(path: str | Path) -> FineMemConfig:
     """Load a resolved config saved in a run directory (for resume), validated against the schema."""
-    return _merge(OmegaConf.structured(FineMemConfig), _load_yaml(Path(path)), str(path))
+    cfg = _merge(OmegaConf.structured(FineMemConfig), _load_yaml(Path(path)), str(path))
+    validate_config(cfg)
+    return cfg

@@ -10,26 +10,101 @@ Every long job writes a run directory so nothing computed is lost:
 
 W&B runs offline by default (no key needed, CI safe); it goes online only when the user sets
 `wandb.mode=online` or exports WANDB_MODE=online. wandb is imported only when a Tracker starts.
+
+Storage faults: a run directory that cannot be created or written fails when `RunDir` opens it
+(before any service starts) with `RunDirError`; a write that fails later (disk full) raises
+`RunDirWriteError` naming the file, the errno and the free space left there.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from finemem.config import ConfigError
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be created or written: nothing has started yet."""
+
+
+class RunDirWriteError(OSError):
+    """A write into the run directory failed mid-run (disk full, read-only, ...)."""
+
+    def __init__(self, path: str | Path, err: OSError) -> None:
+        super().__init__(describe_write_error(path, err))
+        self.errno = err.errno  # str() stays the one-line message
+
+
+def describe_write_error(path: str | Path, err: BaseException) -> str:
+    """`cannot write PATH: [Errno 28 ENOSPC] No space left on device (12 KiB free there)`.
+
+    For errors that carry no errno (torch.save reports a full disk as a RuntimeError) the free
+    space says what the error text may not.
+    """
+    if isinstance(err, OSError) and err.errno:
+        what = f"[Errno {err.errno} {errno.errorcode.get(err.errno, '?')}] {err.strerror or os.strerror(err.errno)}"
+        space = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    else:
+        what = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        space = True
+    return f"cannot write {path}: {what}{_free_space(path) if space else ''}"
+
+
+def _free_space(path: str | Path) -> str:
+    p = Path(path)
+    while not p.is_dir() and p != p.parent:  # the nearest existing folder
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f" ({free:.0f} {unit} free there)" if unit == "B" else f" ({free:.1f} {unit} free there)"
+        free /= 1024
+    return ""
+
 
 class RunDir:
-    """A run directory: created fresh, or reopened for `resume=`."""
+    """A run directory: created fresh, or reopened for `resume=`. Checked writable when opened."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "ckpt").mkdir(exist_ok=True)
-        (self.path / "plots").mkdir(exist_ok=True)
+        target = self.path
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for sub in ("ckpt", "plots"):
+                target = self.path / sub
+                target.mkdir(exist_ok=True)
+            target = self.path
+            self.check_writable()
+        except OSError as err:
+            raise RunDirError(
+                f"run directory {self.path}: {describe_write_error(target, err)}; "
+                "use a writable run.out_dir (or free space there)"
+            ) from err
+
+    def check_writable(self) -> None:
+        """Write, fsync and remove a small file in the run dir and in ckpt/ (raises OSError)."""
+        for folder in (self.path, self.path / "ckpt"):
+            probe = folder / f".write-test-{os.getpid()}"
+            try:
+                with open(probe, "wb") as f:
+                    f.write(b"finemem" * 512)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                if probe.is_file():
+                    probe.unlink()
+                raise
+            probe.unlink()
 
     @classmethod
     def create(cls, out_dir: str | Path, name: str) -> RunDir:
@@ -66,6 +141,25 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+TIMING_PREFIXES = (
+    "time/",  # wall-clock seconds of the step's phases
+    "throughput/",  # tokens per wall-clock second
+    "queue/",  # batch-queue depth when the learner took a batch: how far the producer got meanwhile
+    "reward_pool/",  # live counters read at log time, while the producer may already score the next batch
+)
+
+
+def timing_dependent(key: str) -> bool:
+    """True for metrics.jsonl keys that depend on wall-clock time or thread timing, not on the seed.
+
+    Everything else (rewards, advantages, losses, policy versions, batch stats) is a function of the
+    config and `run.seed`: two runs with both equal log the same values for it (tests/test_determinism.py).
+    Timing-dependent: the row's `time` stamp, the `TIMING_PREFIXES` groups, and any key measured in
+    seconds (`*_s`, e.g. `learner/step_time_s`).
+    """
+    return key == "time" or key.startswith(TIMING_PREFIXES) or key.endswith("_s")
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
@@ -79,7 +173,10 @@ class Tracker:
     def __init__(self, run_dir: RunDir, config: dict[str, Any], wandb_cfg: Any | None = None, resume: bool = False):
         self.run_dir = run_dir
         self._wandb = None
-        self._file = open(run_dir.metrics_path, "a" if resume else "w", buffering=1)  # noqa: SIM115 (closed in close())
+        try:
+            self._file = open(run_dir.metrics_path, "a" if resume else "w", buffering=1)  # noqa: SIM115 (closed in close())
+        except OSError as err:
+            raise RunDirWriteError(run_dir.metrics_path, err) from err
         mode = os.environ.get("WANDB_MODE") or (wandb_cfg.mode if wandb_cfg is not None else "offline")
         if mode != "disabled":
             try:
@@ -102,12 +199,18 @@ class Tracker:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        try:
+            self._file.write(json.dumps(row) + "\n")  # line-buffered: a full disk fails here
+        except OSError as err:
+            raise RunDirWriteError(self.run_dir.metrics_path, err) from err
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as err:  # the last buffered line could not be flushed
+            print(f"finemem: {describe_write_error(self.run_dir.metrics_path, err)}")
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

@@ -163,15 +163,24 @@ def _require(row: dict[str, Any], name: str, where: str) -> Any:
     return row[name]
 
 
+def _parse_json(text: str | bytes, name: str, where: str) -> Any:
+    """json.loads, with every way it fails (bad syntax, bad UTF-8, nesting too deep) a RowError."""
+    try:
+        if isinstance(text, (bytes, bytearray)):
+            text = text.decode("utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError as e:
+        raise RowError(where, name, f"not valid UTF-8 ({e})") from e
+    except json.JSONDecodeError as e:
+        raise RowError(where, name, f"invalid JSON ({e})") from e
+    except RecursionError as e:
+        raise RowError(where, name, "invalid JSON (nested too deeply)") from e
+
+
 def _decode_json(value: Any, name: str, where: str) -> Any:
     """Memalpha stores lists and dicts as JSON strings; accept already-decoded values too."""
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8")
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as e:
-            raise RowError(where, name, f"invalid JSON ({e})") from e
+    if isinstance(value, (bytes, bytearray, str)):
+        return _parse_json(value, name, where)
     return value
 
 
@@ -344,15 +353,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
+    """Lines are read as bytes and decoded one by one, so a line that is not UTF-8 is a bad row."""
+    with path.open("rb") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"line {lineno}"
             try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, RowError(where, "<row>", f"invalid JSON ({e})")
+                yield where, _parse_json(line, "<row>", where)
+            except RowError as e:
+                yield where, e
 
 
 def _parquet_columns(path: Path) -> list[str]:
