@@ -330,6 +330,10 @@ class LearnerWorker:
             skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend)
         t_dist = time.perf_counter()
+        # Seeded from run.seed (per rank, as data-parallel dropout masks should differ), so any
+        # randomness in training (dropout of a model that has it) is a function of the seed, not of
+        # what this pooled Ray worker process ran before. Resume restores the saved states over it.
+        torch.manual_seed(int(self.cfg.run.seed) * 1000 + self.rank)
 
         lc = self.cfg.learner
         policy = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
@@ -702,7 +706,15 @@ class LearnerGroup:
         self.setup_info = ray.get([a.setup.remote(addr, port) for a in self.actors])
 
     def _all(self, method: str, *args, **kwargs) -> list:
-        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+        """Call `method` on every rank; results in rank order. Fails at the FIRST rank that fails:
+        `ray.get` of the whole list would wait on rank 0 first, which may sit in a collective with a
+        dead rank until the process-group timeout (30 minutes) instead of reporting it."""
+        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done[0])  # raises the rank's error (RayActorError for a dead rank) at once
+        return ray.get(refs)
 
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
         ref = ray.put(list(samples))

@@ -51,7 +51,7 @@ CONTENT_JUDGE_SYSTEM = (
 _THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
-BACKOFF_MAX_S = 30.0  # default cap of one retry wait (`reward.answerer.backoff_max_s` where the config has it)
+BACKOFF_MAX_S = 30.0  # default cap of one retry wait (`reward.answerer.backoff_max_s`)
 
 
 class AnswererError(RuntimeError):

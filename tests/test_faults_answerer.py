@@ -249,25 +249,10 @@ def test_pool_reports_an_outage_past_the_budget_or_scores_zero_when_configured(r
 
 # ---- trainer level (real vLLM engine, DeepSpeed learner, reward pool, HTTP answerer) ------------
 def _train_setup(tmp_path_factory):
-    """A tiny model and synthetic train/eval data (as tests/test_train_integration.py's `setup`)."""
-    import copy
+    """A tiny model and synthetic train/eval data (tests/test_train_integration.py's)."""
+    from test_train_integration import build_train_setup
 
-    from finemem.data.readers import write_jsonl
-    from finemem.data.synth import generate_instances
-    from finemem.model_init import corpus_texts, init_model
-
-    tmp = tmp_path_factory.mktemp("train-outage")
-    base = load_config()
-    mc = copy.deepcopy(base.model)
-    for k, v in {"init_vocab_size": 1024, "init_hidden_size": 64, "init_layers": 2, "init_heads": 2,
-                 "init_kv_heads": 1, "init_head_dim": 32, "init_intermediate_size": 128, "max_model_len": 1024}.items():
-        setattr(mc, k, v)
-    model_dir = init_model(tmp / "model", mc, corpus_texts(base, 300))
-    dc = copy.deepcopy(base.data)
-    dc.synth_min_chunks, dc.synth_max_chunks = 2, 2
-    write_jsonl(generate_instances(5, 7, dc), tmp / "train.jsonl")
-    write_jsonl(generate_instances(2, 99, dc), tmp / "eval.jsonl")
-    return tmp, model_dir
+    return build_train_setup(tmp_path_factory.mktemp("train-outage"))
 
 
 @pytest.mark.heavy
@@ -288,6 +273,8 @@ def test_trainer_checkpoints_and_stops_in_one_line_then_resumes_losing_nothing(t
     from learner.trainer import RunStopped, Trainer, build_config
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    if ray.is_initialized():  # the pool tests' 2-CPU Ray: the trainer starts its own, sized by its config
+        ray.shutdown()
     tmp, model_dir = _train_setup(tmp_path_factory)
     server = OpenAITestServer().start()
     try:

@@ -7,30 +7,14 @@ every ratio is 1. The pure counterpart is tests/test_loss.py; the engine side is
 tests/test_engine.py::test_learner_logprobs_match_the_engine_at_temperature_0_7.
 """
 
-import os
 import random
-import sys
-from pathlib import Path
 
 import pytest
+from test_learner import ray_local  # noqa: F401 (the module's local Ray, shared)
 
 pytestmark = pytest.mark.heavy
 
 TEMPERATURE = 0.7
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 def _tempered_samples(model_dir, vocab: int):
@@ -56,7 +40,7 @@ def _tempered_samples(model_dir, vocab: int):
     return samples
 
 
-def test_first_step_at_the_rollout_temperature_is_on_policy(ray_local, tmp_path):
+def test_first_step_at_the_rollout_temperature_is_on_policy(ray_local, tmp_path):  # noqa: F811 (imported fixture)
     import torch
     from helpers_tokenizer import build_test_tokenizer
     from omegaconf import OmegaConf

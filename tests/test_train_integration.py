@@ -32,6 +32,11 @@ def _config(tmp_path, model_dir, train_path, eval_path, total_steps: int):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    return build_train_setup(tmp_path_factory.mktemp("train"))
+
+
+def build_train_setup(tmp):
+    """A tiny model and synthetic train/eval data under `tmp`; returns (tmp, model_dir)."""
     import copy
 
     from finemem.config import load_config
@@ -39,7 +44,6 @@ def setup(tmp_path_factory):
     from finemem.data.synth import generate_instances
     from finemem.model_init import corpus_texts, init_model
 
-    tmp = tmp_path_factory.mktemp("train")
     base = load_config()
     mc = copy.deepcopy(base.model)
     for k, v in {"init_vocab_size": 1024, "init_hidden_size": 64, "init_layers": 2, "init_heads": 2,

@@ -104,6 +104,7 @@ class AnswererConfig:
     timeout_s: float = 60.0
     max_retries: int = 4
     backoff_s: float = 0.5
+    backoff_max_s: float = 30.0  # cap of one retry wait (waits grow as backoff_s * 2**attempt)
     failure_scores_zero: bool = False  # if True a request that still fails scores 0 instead of raising
     disable_thinking: bool = True
 
