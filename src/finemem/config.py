@@ -139,7 +139,9 @@ class RolloutConfig:
     enforce_eager: bool = True
     engine_seed: int = 0
     actor_num_cpus: float = 1.0  # Ray CPUs reserved per rollout actor
-    weight_transport: str = "auto"  # auto (nccl with CUDA, else object_store) | object_store | nccl
+    # auto (nccl when the learner is on GPUs, else object_store) | object_store | nccl | nccl_cpu (the nccl
+    # protocol over a gloo group: CPU stand-in); resolved once by finemem.placement for learner and engines
+    weight_transport: str = "auto"
     max_restarts: int = 3  # rollout actors the trainer may replace in one run before it stops
 
 
