@@ -45,6 +45,7 @@ from typing import Any
 from finemem.cli import parse_command
 from finemem.config import (
     ConfigError,
+    error_line,
     from_yaml_file,
     load_config,
     save_config,
@@ -220,15 +221,15 @@ class Trainer:
             limit = int(self.cfg.rollout.max_restarts)
             transport = self.placement.weight_transport if hasattr(self, "placement") else "?"
             if self.engine_restarts >= limit:
-                raise RunStopped(f"rollout actor {slot} died ({_first_line(err)}) and {self.engine_restarts} "
+                raise RunStopped(f"rollout actor {slot} died ({error_line(err)}) and {self.engine_restarts} "
                                  f"replacement(s) were already made (rollout.max_restarts={limit})")
             connect, publish = _weight_methods(transport)
             if connect:
-                raise RunStopped(f"rollout actor {slot} died ({_first_line(err)}); with rollout.weight_transport="
+                raise RunStopped(f"rollout actor {slot} died ({error_line(err)}); with rollout.weight_transport="
                                  f"{transport} the engines join one weight group at start and a replacement "
                                  "cannot join it later")
             self.engine_restarts += 1
-            print(f"finemem: rollout actor {slot} died ({_first_line(err)}); replacing it "
+            print(f"finemem: rollout actor {slot} died ({error_line(err)}); replacing it "
                   f"({self.engine_restarts}/{limit}), its unfinished groups run again", flush=True)
             engine = self._make_engine()
             ray.get(engine.start.remote())
@@ -444,7 +445,7 @@ class Trainer:
             clean = True
         except RayActorError as err:  # engine deaths are handled where they happen: this is the learner side
             self.learner_failed = True
-            failure = f"{self._who_died(err)} died during step {step} ({_first_line(err)})"
+            failure = f"{self._who_died(err)} died during step {step} ({error_line(err)})"
         except RunStopped as err:
             failure = str(err)
         finally:
@@ -463,7 +464,7 @@ class Trainer:
                     if clean and failure is None:
                         raise
                     # an error is already on its way out: report this one in a line, not in its place
-                    print(f"finemem: could not checkpoint step {done}: {_first_line(err)}")
+                    print(f"finemem: could not checkpoint step {done}: {error_line(err)}")
         self.final_step = done
         if failure:
             raise RunStopped(f"{failure}; the run stopped after step {done}. {self._resume_hint()}")
@@ -548,12 +549,6 @@ class Trainer:
             if p:
                 out.append(p)
         return out
-
-
-def _first_line(err: BaseException) -> str:
-    """`Type: first line of the message`: Ray's actor errors run to a dozen lines."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
 
 
 def _make_queue(maxsize: int):

@@ -1,4 +1,5 @@
-"""Suite-wide settings: offline hubs, W&B off, the prebuilt DeepSpeed op, and GPU test skipping."""
+"""Suite-wide settings: offline hubs, W&B off, the prebuilt DeepSpeed op, GPU test skipping, and the
+module-scoped local Ray most heavy modules share."""
 
 from __future__ import annotations
 
@@ -31,3 +32,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local 2-CPU Ray for one module: started here unless one is already up (and then left to its
+    owner), shut down at the module's end. Tests that start a Trainer call `ray.shutdown()` first:
+    the trainer starts a Ray sized for its own roles."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -204,14 +204,6 @@ def tiny_model(tmp_path_factory):
     return init_model(tmp_path_factory.mktemp("answerer") / "tiny", cfg.model, corpus_texts(cfg, 800))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _server_counter(url: str, name: str) -> float:
     """Sum of a Prometheus counter from the server's /metrics."""
     import urllib.request

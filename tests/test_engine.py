@@ -156,26 +156,20 @@ def test_export_and_check_state_dict(model_dir):
 
 
 # ---- the engine -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def engine(ray_cluster, model_dir):
+def engine(ray_local, model_dir):
     from rollout.engine import EngineSpec, create_engine_actor
 
     spec = EngineSpec(dtype="float32", max_model_len=MAX_LEN, kv_cache_bytes=64 * 1024 * 1024, seed=0,
                       weight_transport="object_store", gpu_memory_utilization=0.2)
     actor = create_engine_actor(str(model_dir), spec, num_gpus=1 if torch.cuda.is_available() else 0)
     t0 = time.perf_counter()
-    timings = ray_cluster.get(actor.start.remote())
+    timings = ray_local.get(actor.start.remote())
     print(f"\n[engine] actor+start {time.perf_counter() - t0:.1f}s, {timings}")
     yield actor
-    ray_cluster.get(actor.shutdown.remote())
+    ray_local.get(actor.shutdown.remote())
 
 
 @pytest.fixture(scope="module")
@@ -235,10 +229,10 @@ def _push(ray, engine, served, state_model, version):
 
 
 @pytest.mark.heavy
-def test_generate_returns_ids_and_finite_logprobs(ray_cluster, engine, prompts, served):
+def test_generate_returns_ids_and_finite_logprobs(ray_local, engine, prompts, served):
     ids = _ids(prompts)
     t0 = time.perf_counter()
-    gens = ray_cluster.get(engine.generate_many.remote(ids, {"max_tokens": 32, "temperature": 1.0, "seed": 7}))
+    gens = ray_local.get(engine.generate_many.remote(ids, {"max_tokens": 32, "temperature": 1.0, "seed": 7}))
     dt = time.perf_counter() - t0
     print(f"\n[engine] 8x32 sampled tokens in {dt:.2f}s = {8 * 32 / dt:.0f} tok/s (first batch)")
     assert len(gens) == len(ids)
@@ -250,20 +244,20 @@ def test_generate_returns_ids_and_finite_logprobs(ray_cluster, engine, prompts, 
         assert g.finish_reason == "length" or g.token_ids[-1] in (0, 2)  # eos ids of generation_config
         assert g.policy_version == g.last_policy_version == served["version"]
         assert g.version_spans == [(served["version"], 0, len(g.token_ids))]
-    again = ray_cluster.get(engine.generate.remote(ids[0], {"max_tokens": 32, "temperature": 1.0, "seed": 7}))
+    again = ray_local.get(engine.generate.remote(ids[0], {"max_tokens": 32, "temperature": 1.0, "seed": 7}))
     assert again.token_ids == gens[0].token_ids  # per-request seed reproduces
 
 
 @pytest.mark.heavy
-def test_logprobs_match_transformers_fp32(ray_cluster, engine, prompts, served, model_dir):
+def test_logprobs_match_transformers_fp32(ray_local, engine, prompts, served, model_dir):
     ids = _ids(prompts)
-    sampled = ray_cluster.get(engine.generate_many.remote(ids, {"max_tokens": 32, "temperature": 1.0, "seed": 11,
+    sampled = ray_local.get(engine.generate_many.remote(ids, {"max_tokens": 32, "temperature": 1.0, "seed": 11,
                                                                 "ignore_eos": True}))
     d = _max_diff(served["model"], ids, sampled)
     print(f"\n[engine] fp32 sampled-token logprobs vs transformers: max |diff| {d:.2e}")
     assert d < LOGPROB_TOL
     t0 = time.perf_counter()
-    greedy = ray_cluster.get(engine.generate_many.remote(ids, {"max_tokens": 32, "temperature": 0.0,
+    greedy = ray_local.get(engine.generate_many.remote(ids, {"max_tokens": 32, "temperature": 0.0,
                                                                "ignore_eos": True}))
     dt = time.perf_counter() - t0
     print(f"[engine] 8x32 greedy tokens in {dt:.2f}s = {8 * 32 / dt:.0f} tok/s")
@@ -272,7 +266,7 @@ def test_logprobs_match_transformers_fp32(ray_cluster, engine, prompts, served, 
 
 
 @pytest.mark.heavy
-def test_learner_logprobs_match_the_engine_at_temperature_0_7(ray_cluster, engine, prompts, served):
+def test_learner_logprobs_match_the_engine_at_temperature_0_7(ray_local, engine, prompts, served):
     """The engine reports processed logprobs (after temperature); the learner's `sequence_logprobs`
     at the rollout temperature must give the same numbers, so the on-policy ratio is 1."""
     from learner.batching import TrainSample, collate
@@ -280,7 +274,7 @@ def test_learner_logprobs_match_the_engine_at_temperature_0_7(ray_cluster, engin
 
     ids = _ids(prompts)
     params = {"max_tokens": 32, "temperature": 0.7, "seed": 13, "ignore_eos": True}
-    gens = ray_cluster.get(engine.generate_many.remote(ids, params))
+    gens = ray_local.get(engine.generate_many.remote(ids, params))
     samples = [TrainSample(list(p), list(g.token_ids), list(g.logprobs), 0.0, f"r{i}", 0)
                for i, (p, g) in enumerate(zip(ids, gens))]
     batch = collate(samples)
@@ -296,26 +290,26 @@ def test_learner_logprobs_match_the_engine_at_temperature_0_7(ray_cluster, engin
 
 
 @pytest.mark.heavy
-def test_update_weights_changes_outputs_and_matches_transformers(ray_cluster, engine, prompts, served, model_dir):
+def test_update_weights_changes_outputs_and_matches_transformers(ray_local, engine, prompts, served, model_dir):
     ids = _ids(prompts)
     greedy = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
-    before = ray_cluster.get(engine.generate_many.remote(ids, greedy))
-    fingerprint = ray_cluster.get(engine.embedding_sum.remote())
+    before = ray_local.get(engine.generate_many.remote(ids, greedy))
+    fingerprint = ray_local.get(engine.embedding_sum.remote())
     v = served["version"] + 1
     sampling = {"max_tokens": 24, "temperature": 1.0, "seed": 3}
-    sampled_before = ray_cluster.get(engine.generate_many.remote(ids, sampling))
+    sampled_before = ray_local.get(engine.generate_many.remote(ids, sampling))
     new = _hf(model_dir, seed=1, scale_embed=4.0, random_norm=True)  # different and peaked weights
-    timings = _push(ray_cluster, engine, served, new, v)
+    timings = _push(ray_local, engine, served, new, v)
     print(f"\n[engine] weight sync (object store, fp32, {timings['bytes'] / 1e6:.1f} MB): "
           f"{timings['total_s']:.3f}s total, load {timings['load_s']:.3f}s")
-    assert ray_cluster.get(engine.version.remote()) == v
-    assert ray_cluster.get(engine.embedding_sum.remote()) != fingerprint
-    after = ray_cluster.get(engine.generate_many.remote(ids, greedy))
+    assert ray_local.get(engine.version.remote()) == v
+    assert ray_local.get(engine.embedding_sum.remote()) != fingerprint
+    after = ray_local.get(engine.generate_many.remote(ids, greedy))
     assert [g.token_ids for g in after] != [g.token_ids for g in before]
     assert all(g.policy_version == v and g.version_spans == [(v, 0, len(g.token_ids))] for g in after)
     _assert_greedy(new, ids, after)
     d = _max_diff(new, ids, after)
-    sampled = ray_cluster.get(engine.generate_many.remote(ids, sampling))
+    sampled = ray_local.get(engine.generate_many.remote(ids, sampling))
     assert [g.token_ids for g in sampled] != [g.token_ids for g in sampled_before]
     d = max(d, _max_diff(new, ids, sampled))
     print(f"[engine] after sync: max |logprob diff| vs transformers {d:.2e}")
@@ -323,24 +317,24 @@ def test_update_weights_changes_outputs_and_matches_transformers(ray_cluster, en
 
 
 @pytest.mark.heavy
-def test_bad_weights_are_refused_and_engine_keeps_serving(ray_cluster, engine, prompts, served, model_dir):
+def test_bad_weights_are_refused_and_engine_keeps_serving(ray_local, engine, prompts, served, model_dir):
     ids = _ids(prompts)[:2]
     greedy = {"max_tokens": 16, "temperature": 0.0}
-    before = ray_cluster.get(engine.generate_many.remote(ids, greedy))
+    before = ray_local.get(engine.generate_many.remote(ids, greedy))
     sd = export_state_dict(_hf(model_dir, seed=2))
     name = "model.layers.1.self_attn.k_proj.weight"
     sd[name] = sd[name][:, :-1].contiguous()
     with pytest.raises(WeightSyncError, match="shape"):
-        ray_cluster.get(engine.update_weights.remote([ray_cluster.put(sd)], served["version"] + 1))
+        ray_local.get(engine.update_weights.remote([ray_local.put(sd)], served["version"] + 1))
     with pytest.raises(ValueError, match="older"):
-        ray_cluster.get(engine.update_weights.remote([ray_cluster.put(sd)], served["version"] - 1))
-    assert ray_cluster.get(engine.version.remote()) == served["version"]
-    after = ray_cluster.get(engine.generate_many.remote(ids, greedy))
+        ray_local.get(engine.update_weights.remote([ray_local.put(sd)], served["version"] - 1))
+    assert ray_local.get(engine.version.remote()) == served["version"]
+    after = ray_local.get(engine.generate_many.remote(ids, greedy))
     assert [g.token_ids for g in after] == [g.token_ids for g in before]
 
 
 @pytest.mark.heavy
-def test_pause_keep_in_flight_requests_finish_after_resume(ray_cluster, engine, prompts, served, model_dir):
+def test_pause_keep_in_flight_requests_finish_after_resume(ray_local, engine, prompts, served, model_dir):
     """Requests in flight across an update keep their admitted version; their later tokens (and
     logprobs) come from the new weights. A request submitted while paused is admitted afterwards."""
     ids = _ids(prompts)
@@ -349,18 +343,18 @@ def test_pause_keep_in_flight_requests_finish_after_resume(ray_cluster, engine, 
     params = {"max_tokens": n_tokens, "temperature": 1.0, "seed": 5, "ignore_eos": True}
     refs = [engine.generate.remote(p, params) for p in ids]
     time.sleep(1.0)  # let them start; the assertions below hold whether or not some finished already
-    ray_cluster.get(engine.pause.remote(mode="keep"))
-    assert ray_cluster.get(engine.is_paused.remote())
+    ray_local.get(engine.pause.remote(mode="keep"))
+    assert ray_local.get(engine.is_paused.remote())
     late = engine.generate.remote(ids[0], {"max_tokens": 8, "temperature": 0.0})
     new = _hf(model_dir, seed=3)
     v_new = v_old + 1
-    _push(ray_cluster, engine, served, new, v_new)  # caller paused: update_weights does not resume
-    assert ray_cluster.get(engine.is_paused.remote())
-    ready, _ = ray_cluster.wait([late], timeout=0.5)
+    _push(ray_local, engine, served, new, v_new)  # caller paused: update_weights does not resume
+    assert ray_local.get(engine.is_paused.remote())
+    ready, _ = ray_local.wait([late], timeout=0.5)
     assert not ready  # not admitted while paused
-    ray_cluster.get(engine.resume.remote())
-    gens = ray_cluster.get(refs)
-    late_gen = ray_cluster.get(late)
+    ray_local.get(engine.resume.remote())
+    gens = ray_local.get(refs)
+    late_gen = ray_local.get(late)
 
     assert late_gen.policy_version == late_gen.last_policy_version == v_new
     mixed = 0

@@ -17,7 +17,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -165,20 +164,20 @@ def test_dead_rollout_actor_is_replaced_and_its_groups_run_again(setup, monkeypa
     save_config(cfg, run.config_path)
     trainer = Trainer(cfg, run)
     killed = {}
+    submit = trainer._submit_group
 
-    def kill_engine_once_batch_2_is_out():
-        # max_staleness=0: batch 2 is sampled (and its groups sent) only after step 1's weights
-        # reached the engine; its G-episode groups then take seconds to generate.
-        _wait_for(lambda: 2 in trainer.shared.sampler_after_batch, "batch 2 sampled")
-        killed["engine"] = trainer.engines[0]
-        ray.kill(killed["engine"])
+    def submit_then_kill_the_engine_once(futures, key, instance, slot):
+        # The first group of batch 2 is sent, then its engine is killed at once: that group (and any
+        # other still on the engine) can only finish by being resubmitted to the replacement.
+        submit(futures, key, instance, slot)
+        if key.startswith("s2-") and not killed:
+            killed["engine"] = trainer.engines[slot]
+            ray.kill(killed["engine"])
 
+    trainer._submit_group = submit_then_kill_the_engine_once
     try:
         trainer.start()
-        killer = threading.Thread(target=kill_engine_once_batch_2_is_out, daemon=True)
-        killer.start()
         trainer.train()
-        killer.join(timeout=1)
         final_engine = trainer.engines[0]
         engine_version = ray.get(final_engine.version.remote())
     finally:

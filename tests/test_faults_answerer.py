@@ -164,16 +164,6 @@ def test_scorer_scores_zero_and_counts_while_down_only_when_configured(endpoint)
 
 
 # ---- reward pool level (real Ray actors, real HTTP) ----------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def _pool_cfg(url: str, *extra: str):

@@ -266,16 +266,6 @@ def test_full_disk_during_a_pure_checkpoint_save_marks_nothing(small_disk):
 
 
 # ---- heavy: the real DeepSpeed learner ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def learner_env(tmp_path_factory):
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 def _tiny_model(tmp_path_factory):
@@ -296,14 +286,14 @@ def _tiny_model(tmp_path_factory):
 
 
 @pytest.mark.heavy
-def test_real_learner_disk_full_then_resume_past_a_truncated_checkpoint(learner_env, tmp_path_factory, small_disk):
+def test_real_learner_disk_full_then_resume_past_a_truncated_checkpoint(ray_local, tmp_path_factory, small_disk):
     """A real DeepSpeed save hits a real ENOSPC (tmpfs): one error naming the path, nothing marked,
     the learner keeps working; then a truncated newest checkpoint is passed over on resume."""
     from test_learner import _batch, _cfg
 
     from learner.actor import LearnerGroup
 
-    ray = learner_env
+    ray = ray_local
     model_dir, vocab = _tiny_model(tmp_path_factory)
     run_dir = tmp_path_factory.mktemp("run")
     group = LearnerGroup(_cfg(model_dir, keep_checkpoints=0))

@@ -7,9 +7,7 @@ save -> fresh actor -> load resumes bit-identically; 2 gloo ranks give the 1-ran
 
 import json
 import math
-import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -82,18 +80,6 @@ def test_rng_state_round_trips_through_json():
 
 
 # ---- heavy: real Ray + DeepSpeed (gloo) -------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ tests/test_engine.py::test_learner_logprobs_match_the_engine_at_temperature_0_7.
 import random
 
 import pytest
-from test_learner import ray_local  # noqa: F401 (the module's local Ray, shared)
 
 pytestmark = pytest.mark.heavy
 
@@ -40,7 +39,7 @@ def _tempered_samples(model_dir, vocab: int):
     return samples
 
 
-def test_first_step_at_the_rollout_temperature_is_on_policy(ray_local, tmp_path):  # noqa: F811 (imported fixture)
+def test_first_step_at_the_rollout_temperature_is_on_policy(ray_local, tmp_path):
     import torch
     from helpers_tokenizer import build_test_tokenizer
     from omegaconf import OmegaConf

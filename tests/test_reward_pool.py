@@ -52,18 +52,6 @@ def test_memalpha_preset_without_llm_fails_before_starting_actors():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():  # shared with another module of the same session
-        yield ray
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pool(ray_local):
     from reward.pool import RewardPool
 

@@ -85,24 +85,15 @@ def model_dir(tmp_path_factory, cfg, instances):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def actor(ray_cluster, cfg, model_dir):
+def actor(ray_local, cfg, model_dir):
     from rollout.actor import create_rollout_actor
 
     a = create_rollout_actor(cfg, str(model_dir), num_cpus=1)
     t0 = time.perf_counter()
-    timings = ray_cluster.get(a.start.remote())
+    timings = ray_local.get(a.start.remote())
     print(f"\n[rollout actor] start {time.perf_counter() - t0:.1f}s {timings}")
     yield a
-    ray_cluster.get(a.shutdown.remote())
+    ray_local.get(a.shutdown.remote())
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +124,12 @@ def check_records(ep: Episode, builder, max_tokens: int) -> None:
         before = s.memory
 
 
-def test_greedy_episodes_reproduce_the_memorized_teacher(ray_cluster, actor, instances, builder):
+def test_greedy_episodes_reproduce_the_memorized_teacher(ray_local, actor, instances, builder):
     from finemem.teacher import TeacherNoise, run_teacher_episode
 
     inst = instances[0]
     teacher = run_teacher_episode(inst, TeacherNoise(), random.Random(0))
-    group = ray_cluster.get(
+    group = ray_local.get(
         actor.run_group.remote(inst.to_dict(), 2, ["a", "b"], {"temperature": 0.0, "max_tokens": 96})
     )
     assert [ep.episode_id for ep in group] == ["a", "b"] and [ep.group_index for ep in group] == [0, 1]
@@ -152,8 +143,8 @@ def test_greedy_episodes_reproduce_the_memorized_teacher(ray_cluster, actor, ins
     assert any(len(s.memory) > 0 for s in group[0].steps)
 
 
-def test_sampled_group_on_an_unseen_instance_completes(ray_cluster, actor, instances, builder):
-    group = ray_cluster.get(
+def test_sampled_group_on_an_unseen_instance_completes(ray_local, actor, instances, builder):
+    group = ray_local.get(
         actor.run_group.remote(instances[1], 3, None, {"temperature": 1.0, "seed": 3, "max_tokens": 96})
     )
     assert len(group) == 3
@@ -163,8 +154,8 @@ def test_sampled_group_on_an_unseen_instance_completes(ray_cluster, actor, insta
     assert len({tuple(ep.steps[0].response_ids) for ep in group}) > 1
 
 
-def test_tiny_token_limit_gives_invalid_ops_not_a_crash(ray_cluster, actor, instances, builder):
-    (ep,) = ray_cluster.get(
+def test_tiny_token_limit_gives_invalid_ops_not_a_crash(ray_local, actor, instances, builder):
+    (ep,) = ray_local.get(
         actor.run_group.remote(instances[0], 1, ["short"], {"temperature": 0.0, "max_tokens": 3})
     )
     check_records(ep, builder, 3)
@@ -174,24 +165,24 @@ def test_tiny_token_limit_gives_invalid_ops_not_a_crash(ray_cluster, actor, inst
     assert ep.final_memory == []
 
 
-def test_policy_version_is_carried_by_samples(ray_cluster, actor, instances, model_dir):
+def test_policy_version_is_carried_by_samples(ray_local, actor, instances, model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
     from rollout.weight_sync import export_state_dict
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ref = ray_cluster.put(export_state_dict(model))
-    ray_cluster.get(actor.update_weights.remote([ref], 5))
-    assert ray_cluster.get(actor.version.remote()) == 5
-    (ep,) = ray_cluster.get(
+    ref = ray_local.put(export_state_dict(model))
+    ray_local.get(actor.update_weights.remote([ref], 5))
+    assert ray_local.get(actor.version.remote()) == 5
+    (ep,) = ray_local.get(
         actor.run_group.remote(instances[0], 1, None, {"temperature": 0.0, "max_tokens": 96})
     )
     assert ep.policy_versions == [5] * ep.instance.num_steps
     assert all(op.valid for s in ep.steps for op in s.ops)  # same weights, same behaviour
 
 
-def test_roll_out_plans_groups_over_actors(ray_cluster, actor, instances):
+def test_roll_out_plans_groups_over_actors(ray_local, actor, instances):
     from rollout.cli import plan_groups, roll_out
     from rollout.summary import summarize_episodes
 

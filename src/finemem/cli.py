@@ -52,11 +52,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -67,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if words in COMMANDS:
             target = COMMANDS[words][0]
             module, func = target.split(":")
-            from finemem.config import ConfigError
+            from finemem.config import ConfigError, error_line
 
             try:
                 return int(getattr(importlib.import_module(module), func)(argv[n:]) or 0)
@@ -77,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 (the last line of a failed job's log says why)
                 # The traceback first, then one line that `ray job logs ... | tail -1` shows.
                 traceback.print_exc()
-                print(f"finemem: error: {_one_line(e)}", file=sys.stderr)
+                print(f"finemem: error: {error_line(e, whole=True)}", file=sys.stderr)
                 return 1
     print(f"finemem: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
     return 2

@@ -318,8 +318,13 @@ def _load_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: cannot parse YAML: {e}") from e
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+def error_line(err: BaseException, *, whole: bool = False) -> str:
+    """`Type: message` on one line, for messages a user reads (the last line of a job log, a run's
+    stop reason): the message's first line (Ray's actor errors run to a dozen lines), or with
+    `whole` every line joined."""
+    text = str(err).strip()
+    text = " ".join(text.split()) if whole else (text.splitlines()[0].strip() if text else "")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _merge(base, other, where: str):
@@ -328,7 +333,7 @@ def _merge(base, other, where: str):
     except (OmegaConfBaseException, TypeError) as e:  # TypeError: a list merged into a dict or back
         key = getattr(e, "full_key", None)
         bad = f"bad config key {key!r}: " if key else ""
-        raise ConfigError(f"{where}: {bad}{_first_line(e)}") from e
+        raise ConfigError(f"{where}: {bad}{error_line(e)}") from e
 
 
 def _check_resolves(cfg: Any) -> None:
@@ -338,7 +343,7 @@ def _check_resolves(cfg: Any) -> None:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"bad config key {key!r}: cannot resolve its value: {_first_line(e)}") from e
+        raise ConfigError(f"bad config key {key!r}: cannot resolve its value: {error_line(e)}") from e
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: str | Path | None = None) -> FineMemConfig:
