@@ -12,10 +12,11 @@ PYTEST_ARGS ?=
 ARGS ?=
 RAY_ADDRESS ?= http://127.0.0.1:8265
 
-.PHONY: help install test test-fast demo bench lint install-gpu ray-head train-8gpu gpu-check submit clean
+.PHONY: help install test test-fast demo ablation bench lint install-gpu ray-head train-8gpu gpu-check submit clean
 
 help:
 	@echo "make demo        set up, build the tiny policy, warm start, Fine-Mem GRPO on CPU, evaluate"
+	@echo "make ablation    the reward ablation (4 presets x 3 seeds) on CPU: table, curves, verdict"
 	@echo "make test        set up and run the whole test suite"
 	@echo "make test-fast   only the pure (no Ray/vLLM/DeepSpeed) tests"
 	@echo "make bench       run the benchmarks in bench/"
@@ -54,6 +55,12 @@ test-fast: install
 
 demo: install
 	$(RUN_ENV) $(BIN)/python -m learner.demo $(ARGS)
+
+# The paper's reward ablation at CPU scale (conf/experiment/ablation.yaml); finished runs are skipped
+# when it is run again. ABLATION_OUT=... to put it elsewhere, ARGS for --presets/--seeds/overrides.
+ABLATION_OUT ?= runs/ablation
+ablation: install
+	$(RUN_ENV) $(BIN)/python -m finemem ablation --out $(ABLATION_OUT) $(ARGS)
 
 bench: install
 	$(RUN_ENV) $(BIN)/python bench/reward_pool.py

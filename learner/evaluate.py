@@ -1,14 +1,14 @@
 """Held-out evaluation: run the policy on unseen instances, answer EVERY question from the final
 memory, and report accuracy, memory size and the valid-call rate.
 
-Used by the trainer (before and after RL, on the same engines) and by `finemem eval`.
+Used by the trainer (before, during and after RL, on the same engines) and `finemem ablation`; the
+benchmark harness `finemem eval` (learner.harness) runs its policy episodes through `run_on_engines`.
 Accuracy is the mean over episodes of the fraction of questions answered correctly (the dataset
 metric of each source); with several samples per instance the policy's sampling noise averages out.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import copy
 from collections.abc import Sequence
@@ -68,20 +68,25 @@ def score_all(episodes: Sequence[Episode], cfg, count_tokens=None) -> list:
     return asyncio.run(run())
 
 
+def run_on_engines(engines: list, instances: Sequence[Instance], samples: int, sampling: dict,
+                   label: str = "") -> list[Episode]:
+    """`samples` episodes per instance on the rollout actors (round robin), in instance order."""
+    import ray
+
+    refs = []
+    for i, inst in enumerate(instances):
+        ids = [f"eval-{label}-{i}-g{g}" for g in range(samples)]
+        refs.append(engines[i % len(engines)].run_group.remote(inst, samples, ids, sampling))
+    return [ep for group in ray.get(refs) for ep in group]
+
+
 def evaluate_on_engines(engines: list, instances: Sequence[Instance], cfg, count_tokens, sampling: dict,
                         label: str = "") -> dict[str, Any]:
     """Run `eval.samples_per_instance` episodes per instance on the rollout actors, then score."""
     import time
 
-    import ray
-
     t0 = time.perf_counter()
-    n = max(1, cfg.eval.samples_per_instance)
-    refs = []
-    for i, inst in enumerate(instances):
-        ids = [f"eval-{label}-{i}-g{g}" for g in range(n)]
-        refs.append(engines[i % len(engines)].run_group.remote(inst, n, ids, sampling))
-    episodes = [ep for group in ray.get(refs) for ep in group]
+    episodes = run_on_engines(engines, instances, max(1, cfg.eval.samples_per_instance), sampling, label)
     scored = score_all(episodes, cfg, count_tokens)
     result = summarize_eval(scored, time.perf_counter() - t0)
     result["label"] = label
@@ -101,50 +106,3 @@ def format_before_after(before: dict | None, after: dict | None) -> str:
     if before and after:
         lines.append(f"held-out accuracy: {before['accuracy']:.3f} -> {after['accuracy']:.3f}")
     return "\n".join(lines)
-
-
-def cli(argv: list[str]) -> int:
-    """`finemem eval --model DIR --data PATH [--samples N] [key=value ...]`."""
-    import json
-
-    from finemem.cli import parse_command
-    from finemem.config import load_config
-
-    parser = argparse.ArgumentParser(prog="finemem eval", description=cli.__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--samples", type=int, default=None)
-    parser.add_argument("--out", default=None, help="write the full result as json here")
-    args, overrides = parse_command(parser, argv)
-    cfg = load_config(overrides)
-    cfg.model.path = args.model
-    cfg.data.eval_path = args.data
-    if args.samples:
-        cfg.eval.samples_per_instance = args.samples
-
-    import ray
-    from transformers import AutoTokenizer
-
-    from finemem.prompts import make_token_counter
-    from learner.trainer import _child_env, _load_split
-    from rollout.actor import create_rollout_actor
-
-    instances = _load_split(cfg, cfg.data.eval_path, cfg.eval.instances or None)
-    ray.init(num_cpus=cfg.cluster.num_cpus or 4, include_dashboard=False, runtime_env={"env_vars": _child_env()},
-             log_to_driver=False)
-    try:
-        engines = [create_rollout_actor(cfg, cfg.model.path, num_cpus=cfg.rollout.actor_num_cpus)
-                   for _ in range(cfg.rollout.num_engines)]
-        ray.get([e.start.remote() for e in engines])
-        counter = make_token_counter(AutoTokenizer.from_pretrained(cfg.model.path))
-        sampling = {"max_tokens": cfg.rollout.max_response_tokens, "temperature": cfg.eval.temperature,
-                    "top_p": cfg.rollout.top_p, "seed": int(cfg.run.seed)}  # as the trainer's eval
-        result = evaluate_on_engines(engines, instances, cfg, counter, sampling, label="eval")
-    finally:
-        ray.shutdown()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("op_mix",)}, indent=2))
-    print(f"held-out accuracy: {result['accuracy']:.3f}")
-    return 0

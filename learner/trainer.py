@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -52,9 +51,11 @@ from finemem.config import (
     to_container,
     validate_training,
 )
+from finemem.data.splits import load_split
 from finemem.records import Instance, ScoredEpisode
 from finemem.sampler import InstanceSampler
 from finemem.tracking import RunDir, Tracker, plot_curves
+from learner.ray_env import child_env
 from reward.answerers import outage_message
 
 
@@ -73,16 +74,6 @@ class _Shared:
 
 class RunStopped(RuntimeError):
     """A fault the run cannot continue past. Its text is the one line the user sees (no traceback)."""
-
-
-def _load_split(cfg, path: str, limit: int | None = None) -> list[Instance]:
-    from finemem.data.readers import load_instances
-
-    instances = load_instances(path, fmt=cfg.data.format, chunk_tokens=cfg.data.chunk_tokens,
-                               skip_bad_rows=cfg.data.skip_bad_rows, max_instances=limit)
-    if not instances:
-        raise ConfigError(f"{path}: no instances")
-    return instances
 
 
 class Trainer:
@@ -118,18 +109,18 @@ class Trainer:
         resume_from = self._resume_checkpoint() if self.resume else None  # checked before any service starts
         if not ray.is_initialized():
             if cfg.cluster.address:
-                # Under `ray job submit` this merges with the job's runtime env (see _child_env).
-                ray.init(address=cfg.cluster.address, runtime_env={"env_vars": _child_env()})
+                # Under `ray job submit` this merges with the job's runtime env (see ray_env.child_env).
+                ray.init(address=cfg.cluster.address, runtime_env={"env_vars": child_env()})
             else:
                 ray.init(num_cpus=cfg.cluster.num_cpus or 4, include_dashboard=False,
-                         runtime_env={"env_vars": _child_env()}, log_to_driver=False)
+                         runtime_env={"env_vars": child_env()}, log_to_driver=False)
         # Ray first, then placement against the cluster's real resources, then actors: a role that
         # cannot be scheduled fails here naming the key, instead of leaving actors pending forever.
         self.placement = resolve(cfg, ClusterResources.from_ray())
         _weight_methods(self.placement.weight_transport)  # the learner implements it, or fail now
         cfg.rollout.weight_transport = self.placement.weight_transport  # engines use the learner's transport
-        self.train_instances = _load_split(cfg, cfg.data.train_path, cfg.data.max_instances)
-        self.eval_instances = _load_split(cfg, cfg.data.eval_path, cfg.eval.instances or None)
+        self.train_instances = load_split(cfg, cfg.data.train_path, cfg.data.max_instances)
+        self.eval_instances = load_split(cfg, cfg.data.eval_path, cfg.eval.instances or None)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.count_tokens = make_token_counter(tokenizer)
         if cfg.cluster.answerer_serve:
@@ -141,7 +132,7 @@ class Trainer:
         learner_req = self.placement.request("learner")
         self.learner = LearnerGroup(cfg, cfg.model.path, num_cpus_per_rank=learner_req.num_cpus,
                                     num_gpus_per_rank=learner_req.num_gpus, resources=learner_req.resources)
-        self.pool = RewardPool(cfg, count_tokens=None)
+        self.pool = RewardPool(cfg, tokenizer_path=cfg.model.path)  # policy tokens, as evaluation counts
         ray.get(engine_start)
         connect, _ = _weight_methods(self.placement.weight_transport)
         if connect:
@@ -311,6 +302,7 @@ class Trainer:
                                 continue
                             for ep in episodes:
                                 tokens += sum(len(st.response_ids) for st in ep.steps)
+                                ep.train_step = batch  # seeds this visit's global-question sample
                                 self.pool.submit(ep)
                     for scored in self.pool.poll(timeout=0.0 if futures else 0.1):
                         key = scored.episode.episode_id.rsplit("-g", 1)[0]
@@ -434,6 +426,8 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}",
                                 acc=f"{metrics.get('qa/global_accuracy', 0):.2f}",
                                 tok_s=f"{metrics['throughput/gen_tokens_per_s']:.0f}")
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.learner.total_steps:
+                    self.evaluate(f"step{step}", step)  # the engines hold this step's weights
                 if cfg.learner.checkpoint_every and step % cfg.learner.checkpoint_every == 0:
                     with self._lock:
                         self._checkpoint(step)
@@ -507,14 +501,21 @@ class Trainer:
         return ckpt
 
     # ----------------------------------------------------------- evaluation
-    def evaluate(self, label: str) -> dict[str, float]:
-        """Held-out evaluation with the engines' current policy (every question, final memory)."""
+    def evaluate(self, label: str, step: int) -> dict[str, float]:
+        """Held-out evaluation with the engines' current policy (every question, final memory), the
+        policy after `step` training steps. Each one is a point of the run's held-out curve:
+        eval_curve.jsonl and W&B's eval/* at that step."""
         from learner.evaluate import evaluate_on_engines
 
         result = evaluate_on_engines(self.engines, self.eval_instances, self.cfg, self.count_tokens,
                                      sampling=self._sampling(self.cfg.eval.temperature), label=label)
+        result["step"] = step
         self.history[f"eval_{label}"] = result
         (self.run_dir.path / f"eval_{label}.json").write_text(json.dumps(result, indent=2))
+        point = {"step": step, "label": label, **{k: result[k] for k in EVAL_CURVE_KEYS}}
+        with open(self.run_dir.path / "eval_curve.jsonl", "a") as f:
+            f.write(json.dumps(point) + "\n")
+        self.tracker.log_extra({f"eval/{k}": result[k] for k in EVAL_CURVE_KEYS}, step=step)
         return result
 
     def shutdown(self) -> None:
@@ -551,6 +552,10 @@ class Trainer:
         return out
 
 
+# What a held-out evaluation contributes to the run's curve (eval_curve.jsonl, W&B eval/*).
+EVAL_CURVE_KEYS = ("accuracy", "memory_tokens", "memory_items", "valid_call_rate")
+
+
 def _make_queue(maxsize: int):
     from ray.util.queue import Queue
 
@@ -572,36 +577,6 @@ def _weight_methods(transport: str) -> tuple[str | None, str]:
         return "connect_engines_nccl", "publish_weights_nccl"
     raise ConfigError(f"rollout.weight_transport={transport}: the learner cannot publish over it; use "
                       f"object_store or one of {', '.join(BROADCAST_BACKENDS)} (or auto)")
-
-
-def _child_env() -> dict[str, str]:
-    """Environment every Ray worker inherits: offline hub, the prebuilt DeepSpeed op, W&B mode.
-
-    Inside `ray job submit`, Ray merges `ray.init`'s runtime env with the job's and refuses the
-    job outright if both set the same env var, even to the same value (`_merge_runtime_env` in
-    ray/runtime_env/runtime_env.py, Ray 2.60). The job's variables already reach every worker, so
-    the keys it sets are left to it.
-    """
-    keep = ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "PYTHONPATH")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    job_env = _job_env_vars()
-    return {k: v for k, v in env.items() if k not in job_env}
-
-
-def _job_env_vars() -> dict[str, str]:
-    """The env vars of the Ray job this driver runs in ({} outside `ray job submit`).
-
-    The job supervisor hands its runtime env to the entrypoint in RAY_JOB_CONFIG_JSON_ENV_VAR;
-    `ray.init` reads the same variable to do the merge.
-    """
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not raw:
-        return {}
-    runtime_env = json.loads(raw).get("runtime_env") or {}
-    return dict(runtime_env.get("env_vars") or {})
 
 
 def build_config(overrides: list[str]) -> tuple[Any, RunDir, bool]:
@@ -647,10 +622,10 @@ def run_training(cfg, run: RunDir, resume: bool, evaluate: bool = True) -> dict[
         trainer.start()
         signal.signal(signal.SIGTERM, on_sigint)
         if evaluate and cfg.eval.before_training and not resume:
-            trainer.evaluate("before")
+            trainer.evaluate("before", trainer.start_step)
         trainer.train()
         if evaluate and cfg.eval.after_training and not trainer.interrupts:
-            trainer.evaluate("after")
+            trainer.evaluate("after", trainer.final_step)
         trainer.plots()
         return {"run_dir": str(run.path), "final_step": trainer.final_step, **trainer.history}
     finally:

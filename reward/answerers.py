@@ -28,6 +28,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from finemem.config import AnswererConfig, ConfigError
@@ -133,10 +134,31 @@ def format_evidence(evidence: Sequence[MemoryItem]) -> str:
     return "\n".join(f"[{m.id}] {m.content}" for m in evidence)
 
 
-def answer_messages(question: str, evidence: Sequence[MemoryItem]) -> list[dict[str, str]]:
-    """The chat prompt for answering `question` from `evidence`."""
+# The benchmark's answer instruction per competency (MemoryAgentBench's templates, shortened), added
+# to ANSWER_SYSTEM by `finemem eval`. Conflict Resolution states MAB's rule for FactConsolidation.
+COMPETENCY_RULES = {
+    "accurate_retrieval": "Give a very concise answer, without other words.",
+    "conflict_resolution": (
+        "Facts may conflict: the newer fact supersedes older ones about the same subject. A fact that starts "
+        "with a serial number is newer than every fact with a smaller serial number: the larger serial number "
+        "is the newer fact. Answer from the newest fact, very concisely, without other words."
+    ),
+    "test_time_learning": "The memory holds labelled examples; reply with the label number only, as \\boxed{N}.",
+    "long_range_understanding": "Summarise what the memory says about the question, covering its key points.",
+}
+
+
+def answer_messages(question: str, evidence: Sequence[MemoryItem], competency: str | None = None
+                    ) -> list[dict[str, str]]:
+    """The chat prompt for answering `question` from `evidence`; with a `competency`, the benchmark's
+    instruction for it (`COMPETENCY_RULES`) follows the system prompt."""
+    system = ANSWER_SYSTEM
+    if competency is not None:
+        if competency not in COMPETENCY_RULES:
+            raise ValueError(f"unknown competency {competency!r}; known: {', '.join(COMPETENCY_RULES)}")
+        system = f"{ANSWER_SYSTEM}\n{COMPETENCY_RULES[competency]}"
     user = f"Memory:\n{format_evidence(evidence)}\n\nQuestion: {question}\nAnswer:"
-    return [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def judge_messages(question: str, prediction: str, golds: Sequence[str]) -> list[dict[str, str]]:
@@ -193,6 +215,14 @@ class EvidenceReader:
 
     async def close(self) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """One chat completion: its text (thinking removed) and the server's finish reason."""
+
+    text: str
+    finish_reason: str = "stop"
 
 
 class _RetryableError(Exception):
@@ -285,6 +315,20 @@ class OpenAIChatAnswerer:
         temperature: float | None = None,
     ) -> str:
         """One chat completion's text (thinking blocks removed), with retries."""
+        reply = await self.chat_reply(messages, episode_id=episode_id, max_tokens=max_tokens,
+                                      temperature=temperature)
+        return reply.text
+
+    async def chat_reply(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        episode_id: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> ChatReply:
+        """`chat` with the reply's finish reason ("stop", "length", ...): a memory manager needs to
+        know whether its tool calls were cut by the token limit."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -357,7 +401,7 @@ class OpenAIChatAnswerer:
             self._sem = asyncio.Semaphore(self.concurrency)
         return self._session, self._sem
 
-    async def _post(self, session, body: dict[str, Any]) -> str:
+    async def _post(self, session, body: dict[str, Any]) -> ChatReply:
         import aiohttp
 
         self._counts["requests"] += 1
@@ -381,6 +425,7 @@ class OpenAIChatAnswerer:
                 raise TypeError(f"message content is {type(content).__name__}")
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise _RetryableError("malformed", f"bad response body ({e}): {raw[:200]!r}") from None
+        finish = data["choices"][0].get("finish_reason") if isinstance(data["choices"][0], dict) else None
         elapsed = time.perf_counter() - start
         self._counts["successes"] += 1
         self._latency_sum += elapsed
@@ -390,7 +435,7 @@ class OpenAIChatAnswerer:
             for key in ("prompt_tokens", "completion_tokens"):
                 if isinstance(usage.get(key), int):
                     self._counts[key] += usage[key]
-        return _THINK_RE.sub("", content).strip()
+        return ChatReply(_THINK_RE.sub("", content).strip(), str(finish or "stop"))
 
 
 def make_answerer(cfg: AnswererConfig) -> EvidenceReader | OpenAIChatAnswerer:

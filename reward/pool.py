@@ -9,7 +9,7 @@ spent) is reported as `EpisodeScoringError` naming the episode, with the origina
 Ray's wrapper) in `.cause`; the pool itself stays usable. An answerer endpoint that is down is
 ridden out by the answerer's retries inside the actor: the episode is not failed and not re-run.
 
-    pool = RewardPool(cfg)                      # cfg.reward.num_actors actors
+    pool = RewardPool(cfg, tokenizer_path=cfg.model.path)  # cfg.reward.num_actors actors, policy tokens
     for scored in pool.score_many(episodes):    # ScoredEpisode, as each finishes
         ...
     pool.submit(ep); pool.poll(timeout=0.0)     # streaming use: feed as rollouts finish
@@ -46,10 +46,35 @@ class RewardPoolError(RuntimeError):
     """An episode killed its actor too many times."""
 
 
-class RewardActor:
-    """One scoring worker: its own answerer and a persistent event loop (HTTP sessions are reused)."""
+def policy_token_counter(tokenizer_path: str) -> Callable[[str], int]:
+    """count_tokens with the policy's tokenizer, as evaluation counts tokens(M_T) and the chunks.
 
-    def __init__(self, cfg_dict: dict[str, Any], count_tokens: Callable[[str], int] | None = None) -> None:
+    Built inside each actor from the tokenizer's folder: the tokenizer is loaded once per actor
+    instead of being pickled into every actor (and re-sent with a replacement)."""
+    from transformers import AutoTokenizer
+
+    from finemem.prompts import make_token_counter
+
+    return make_token_counter(AutoTokenizer.from_pretrained(tokenizer_path))
+
+
+def _check_counter_args(count_tokens: Any, tokenizer_path: str | None) -> None:
+    if count_tokens is not None and tokenizer_path is not None:
+        raise ValueError("reward pool: give count_tokens or tokenizer_path, not both")
+
+
+class RewardActor:
+    """One scoring worker: its own answerer and a persistent event loop (HTTP sessions are reused).
+
+    Token counts (the compression term) use `tokenizer_path`'s tokenizer when given, else
+    `count_tokens`, else whitespace words (`reward.scorer`'s default)."""
+
+    def __init__(
+        self,
+        cfg_dict: dict[str, Any],
+        count_tokens: Callable[[str], int] | None = None,
+        tokenizer_path: str | None = None,
+    ) -> None:
         from omegaconf import OmegaConf
 
         from reward.answerers import make_answerer
@@ -58,7 +83,8 @@ class RewardActor:
         self.cfg = OmegaConf.merge(OmegaConf.structured(FineMemConfig), cfg_dict)
         self.answerer = make_answerer(self.cfg.reward.answerer)
         check_answerer_for_preset(str(self.cfg.reward.preset), self.answerer)
-        self.count_tokens = count_tokens
+        _check_counter_args(count_tokens, tokenizer_path)
+        self.count_tokens = policy_token_counter(tokenizer_path) if tokenizer_path is not None else count_tokens
         self.loop = asyncio.new_event_loop()
         self.scored = 0
 
@@ -97,6 +123,7 @@ def scoring_payload(episode: Episode) -> dict[str, Any]:
         "instance": episode.instance.to_dict(),
         "group_index": episode.group_index,
         "error": episode.error,
+        "train_step": episode.train_step,  # seeds the global-question sample
         "steps": [
             {
                 "step": s.step,
@@ -127,7 +154,11 @@ def _scored(episode: Episode, out: dict[str, Any]) -> ScoredEpisode:
 
 
 class RewardPool:
-    """N `RewardActor`s fed as they free up; see the module docstring."""
+    """N `RewardActor`s fed as they free up; see the module docstring.
+
+    Training passes `tokenizer_path=cfg.model.path` so the compression term counts policy tokens, as
+    evaluation does; `count_tokens` (a picklable callable) is the alternative, and with neither the
+    actors count whitespace words."""
 
     def __init__(
         self,
@@ -135,6 +166,7 @@ class RewardPool:
         num_actors: int | None = None,
         count_tokens: Callable[[str], int] | None = None,
         max_attempts: int = 3,
+        tokenizer_path: str | None = None,
     ) -> None:
         n = int(num_actors if num_actors is not None else cfg.reward.num_actors)
         if n < 1:
@@ -144,8 +176,10 @@ class RewardPool:
 
         # fail on the driver, with the config error, rather than as actors dying in their constructor
         check_answerer_for_preset(str(cfg.reward.preset), make_answerer(cfg.reward.answerer))
+        _check_counter_args(count_tokens, tokenizer_path)
         self._cfg_dict = to_container(cfg)
         self._count_tokens = count_tokens
+        self._tokenizer_path = None if tokenizer_path is None else str(tokenizer_path)
         self._actor_cls = ray.remote(num_cpus=float(cfg.reward.actor_num_cpus), max_restarts=0)(RewardActor)
         self.max_attempts = max_attempts
         self.actors: list[Any] = [self._new_actor() for _ in range(n)]
@@ -157,7 +191,7 @@ class RewardPool:
         self.episodes_scored = 0
 
     def _new_actor(self):
-        return self._actor_cls.remote(self._cfg_dict, self._count_tokens)
+        return self._actor_cls.remote(self._cfg_dict, self._count_tokens, self._tokenizer_path)
 
     def wait_ready(self) -> None:
         """Block until every actor is constructed (for timing; scoring does not need it)."""

@@ -8,8 +8,9 @@ burst per episode and its concurrency limit does the pacing.
 Scoring rules (see `finemem.rewards` for the maths):
 - chunk QA of step t is answered from the top-k items of M_t (the step's snapshot) and scored with
   `reward.chunk_qa_metric` (factoid questions, whatever the instance's data source);
-- global questions are a seeded sample (seed from `run.seed` and the instance id, so every rollout
-  of a group gets the same ones), answered from M_T and scored with the data source's metric
+- global questions are a seeded sample (seed from `run.seed`, the instance id and the episode's
+  `train_step`, so every rollout of a group gets the same ones and each training visit of an
+  instance a new sample), answered from M_T and scored with the data source's metric
   (`reward.metric`, "auto" by source); `llm_judge` sources go through `answerer.judge`;
 - tokens(M_T) counts the final memory rendered as `[id] content` lines (as
   `FlatMemory.token_length`), with `count_tokens` (default: whitespace words).
@@ -178,7 +179,7 @@ async def score_episode_async(
     sc = _EpisodeScorer(episode, cfg, answerer, count)
     inst = episode.instance
 
-    seed = rewards.derive_seed(int(cfg.run.seed), inst.instance_id)
+    seed = rewards.derive_seed(int(cfg.run.seed), inst.instance_id, int(episode.train_step))
     asked = rewards.sample_global_questions(
         len(inst.questions), float(cfg.reward.global_question_fraction), seed
     )

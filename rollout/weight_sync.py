@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CPU_BACKEND = "nccl_cpu"  # vLLM weight-transfer backend name of the CPU stand-in (rollout.cpu_group_transfer)
-TRANSPORTS = ("auto", "object_store", "nccl", CPU_BACKEND)
+from finemem.placement import CPU_BACKEND, TRANSPORTS  # the names live in the core: placement checks them
+
 # Transports that use vLLM's weight-transfer API: transport -> vLLM backend name.
 BROADCAST_BACKENDS = {"nccl": "nccl", CPU_BACKEND: CPU_BACKEND}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")

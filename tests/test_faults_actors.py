@@ -187,7 +187,10 @@ def test_dead_rollout_actor_is_replaced_and_its_groups_run_again(setup, monkeypa
     assert "engine" in killed and final_engine is not killed["engine"]
     rows = read_metrics(run.metrics_path)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["faults/rollout_actor_restarts"] for r in rows] == [0, 1, 1]
+    # A cumulative counter read when each row is logged: the replacement (made by the producer while
+    # it runs batch 2) can land before or after step 1's row is written, never after step 2's.
+    restarts = [r["faults/rollout_actor_restarts"] for r in rows]
+    assert restarts[0] in (0, 1) and restarts[1:] == [1, 1], restarts
     assert rows[1]["faults/resubmitted_groups"] >= 1  # the killed actor's groups ran again
     order = [json.loads(line) for line in (run.path / "data_order.jsonl").read_text().splitlines()]
     assert [o["step"] for o in order] == [1, 2, 3]

@@ -36,8 +36,10 @@ def test_scoring_payload_round_trips_what_scoring_reads():
     for e in teacher_episodes(4):
         e.steps[0].prompt_ids = [1, 2, 3]
         e.steps[0].logprobs = [-0.5]
+        e.train_step = 6
         back = Episode.from_dict(scoring_payload(e))
         assert back.episode_id == e.episode_id and back.group_index == e.group_index
+        assert back.train_step == 6  # it seeds the global-question sample inside the actor
         assert back.instance == e.instance
         assert [(s.step, s.ops, s.memory) for s in back.steps] == [(s.step, s.ops, s.memory) for s in e.steps]
         assert back.steps[0].prompt_ids == [] and back.steps[0].logprobs == []  # token payloads stay home
@@ -49,6 +51,63 @@ def test_memalpha_preset_without_llm_fails_before_starting_actors():
 
     with pytest.raises(ConfigError, match="reward.answerer.kind=openai"):
         RewardPool(load_config(["reward=memalpha"]), num_actors=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from helpers_tokenizer import build_test_tokenizer
+
+    path = tmp_path_factory.mktemp("tok")
+    build_test_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_actor_counts_policy_tokens_as_evaluation_does(tokenizer_dir):
+    """The compression term counts policy tokens (issue 12), not whitespace words. In-process actor."""
+    from transformers import AutoTokenizer
+
+    from finemem.config import to_container
+    from finemem.memory import word_count
+    from finemem.prompts import make_token_counter
+    from reward.pool import RewardActor, scoring_payload
+    from reward.scorer import memory_text
+
+    cfg = load_config([])
+    actor = RewardActor(to_container(cfg), tokenizer_path=tokenizer_dir)
+    policy = make_token_counter(AutoTokenizer.from_pretrained(tokenizer_dir))
+    episode = teacher_episodes(1)[0]
+    text = memory_text(episode.final_memory)
+    assert actor.count_tokens(text) == policy(text) != word_count(text)
+    stats = actor.score(scoring_payload(episode))["stats"]
+    assert stats["memory_tokens"] == policy(text)
+    assert stats["chunk_tokens"] == sum(policy(c) for c in episode.instance.chunks)
+    want = score_episode(episode, cfg, EvidenceReader(), count_tokens=policy).stats
+    assert stats["compression"] == want["compression"]
+
+
+def test_pool_refuses_two_token_counters(tokenizer_dir):
+    from reward.pool import RewardPool
+
+    with pytest.raises(ValueError, match="count_tokens or tokenizer_path"):
+        RewardPool(load_config([]), num_actors=1, count_tokens=len, tokenizer_path=tokenizer_dir)
+
+
+@pytest.mark.heavy
+def test_pool_actors_count_policy_tokens(ray_local, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from finemem.prompts import make_token_counter
+    from reward.pool import RewardPool
+    from reward.scorer import memory_text
+
+    policy = make_token_counter(AutoTokenizer.from_pretrained(tokenizer_dir))
+    p = RewardPool(load_config([]), num_actors=1, tokenizer_path=tokenizer_dir)
+    try:
+        for s in p.score_many(teacher_episodes(2)):
+            assert s.stats["memory_tokens"] == policy(memory_text(s.episode.final_memory))
+            assert s.stats["chunk_tokens"] == sum(policy(c) for c in s.episode.instance.chunks)
+    finally:
+        p.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,19 @@ def test_derive_seed_is_stable_across_processes():
 
     expected = int.from_bytes(hashlib.sha256(b"3:abc").digest()[:8], "big") >> 1
     assert rewards.derive_seed(3, "abc") == expected
+    assert rewards.derive_seed(3, "abc", step=0) == expected  # outside training: the seed as before
+    assert rewards.derive_seed(3, "abc", step=4) == rewards.derive_seed(3, "abc", step=4) != expected
+    assert rewards.derive_seed(3, "abc", step=4) != rewards.derive_seed(3, "abc", step=5)
+
+
+def test_global_sample_is_redrawn_on_each_training_step():
+    """A revisited instance is asked a new 20% (issue 12), not the same questions every epoch."""
+
+    def asked(i: int, step: int) -> list[int]:
+        return rewards.sample_global_questions(13, 0.2, rewards.derive_seed(7, f"inst-{i}", step))
+
+    assert all(asked(i, 3) == asked(i, 3) for i in range(20))
+    assert sum(asked(i, 3) != asked(i, 4) for i in range(20)) > 10
 
 
 # ------------------------------------------------------------------------ format, compression
@@ -254,17 +267,42 @@ def test_score_episode_rejects_incomplete_episodes():
         score_episode(ep, load_config([]), EvidenceReader())
 
 
+def _asked_by_scorer(inst: Instance, group_index: int, train_step: int) -> list[int]:
+    memory = [MemoryItem(f"m{i + 1}", c, i + 1) for i, c in enumerate(inst.chunks)]
+    steps = [StepSample(t + 1, [], [], [], "", [OpResult("skip", True)], memory[: t + 1])
+             for t in range(inst.num_steps)]  # fmt: skip
+    ep = Episode(f"e{group_index}", inst, group_index, steps, train_step=train_step)
+    return [e.question_index for e in score_episode(ep, load_config([]), EvidenceReader()).evidence]
+
+
 def test_group_rollouts_get_the_same_global_questions():
     from finemem.data.synth import generate_instances
 
     inst = generate_instances(1, 5)[0]
-    inst.questions = inst.questions * 3  # 18 questions -> 4 asked
-    cfg = load_config([])
-    asked = []
-    for g in range(4):
-        memory = [MemoryItem(f"m{i + 1}", c, i + 1) for i, c in enumerate(inst.chunks)]
-        steps = [StepSample(t + 1, [], [], [], "", [OpResult("skip", True)], memory[: t + 1])
-                 for t in range(inst.num_steps)]  # fmt: skip
-        out = score_episode(Episode(f"e{g}", inst, g, steps), cfg, EvidenceReader())
-        asked.append([e.question_index for e in out.evidence])
-    assert len(asked[0]) == 4 and all(a == asked[0] for a in asked)
+    inst.questions = inst.questions * 3  # 39 questions -> 8 asked
+    for train_step in (0, 3):
+        asked = [_asked_by_scorer(inst, g, train_step) for g in range(4)]
+        assert len(asked[0]) == 8 and all(a == asked[0] for a in asked)
+
+
+def test_scorer_draws_the_global_sample_anew_on_each_training_step():
+    from finemem.data.synth import generate_instances
+
+    instances = generate_instances(8, 5)
+    run_seed = int(load_config([]).run.seed)
+    for inst in instances:  # step 0 (evaluation) asks what the instance-only seed asked
+        old = rewards.sample_global_questions(len(inst.questions), 0.2, rewards.derive_seed(run_seed, inst.instance_id))
+        assert _asked_by_scorer(inst, 0, 0) == old
+    at3 = [_asked_by_scorer(inst, 1, 3) for inst in instances]
+    assert at3 == [_asked_by_scorer(inst, 2, 3) for inst in instances]  # one group, one step: shared
+    assert at3 != [_asked_by_scorer(inst, 1, 4) for inst in instances]  # the next visit: a new draw
+
+
+def test_episode_train_step_round_trips():
+    from finemem.data.synth import generate_instances
+
+    inst = generate_instances(1, 5)[0]
+    ep = Episode("e0", inst, 2, [], train_step=9)
+    assert Episode.from_dict(ep.to_dict()).train_step == 9
+    old_record = {k: v for k, v in ep.to_dict().items() if k != "train_step"}
+    assert Episode.from_dict(old_record).train_step == 0

@@ -3,7 +3,7 @@
 Heavy: ONE module-scoped actor. Run under the heavy lock:
 `flock /tmp/finemem-heavy.lock .venv/bin/python -m pytest tests/test_rollout_actor.py`.
 
-The policy is a small model (built in a tmp dir) trained by `finemem.sft.train` to memorize the
+The policy is a small model (built in a tmp dir) trained by `learner.sft.train` to memorize the
 ideal teacher's calls on one short instance, so greedy episodes on that instance must reproduce
 the teacher exactly: every call valid, memory identical with the same step stamps. Sampled and
 truncated episodes check the record invariants on whatever the policy writes.
@@ -29,6 +29,8 @@ MAX_LEN = 1024
 def cfg():
     c = load_config([
         "data.synth_min_chunks=3", "data.synth_max_chunks=3", f"model.max_model_len={MAX_LEN}",
+        # the pre-issue-12 chunk shape (2 facts + 2 distractors): the teacher's calls fit 96 tokens
+        "data.synth_facts_per_chunk=2", "data.synth_distractors_per_chunk=2", "data.synth_questions_per_instance=6",
         "model.dtype=float32", "rollout.kv_cache_bytes=67108864", "rollout.max_response_tokens=96",
         "rollout.weight_transport=object_store",
     ])  # fmt: skip
@@ -61,8 +63,8 @@ def model_dir(tmp_path_factory, cfg, instances):
 
     from finemem.model_init import corpus_texts, init_model
     from finemem.prompts import PromptBuilder
-    from finemem.sft import build_examples, train
     from finemem.teacher import TeacherNoise
+    from learner.sft import build_examples, train
 
     path = init_model(tmp_path_factory.mktemp("policy") / "m", cfg.model, corpus_texts(cfg, 200))
     tok = AutoTokenizer.from_pretrained(path)

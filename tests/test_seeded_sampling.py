@@ -56,6 +56,7 @@ def test_trainer_and_eval_sampling_are_seeded_from_run_seed():
 def cfg():
     c = load_config([
         "data.synth_min_chunks=3", "data.synth_max_chunks=3", f"model.max_model_len={MAX_LEN}",
+        "data.synth_questions_per_instance=9",  # <= 3 chunks x 3 facts
         "model.dtype=float32", "rollout.kv_cache_bytes=67108864", "rollout.max_response_tokens=48",
         "rollout.weight_transport=object_store", "run.seed=5",
     ])  # fmt: skip

@@ -15,7 +15,9 @@ from finemem.config import DataConfig, MemoryConfig, SFTConfig
 from finemem.data.synth import generate_instances
 from finemem.memory import FlatMemory
 from finemem.prompts import PromptBuilder
-from finemem.sft import (
+from finemem.teacher import TeacherNoise, run_teacher_episode
+from finemem.toolcalls import render_tool_calls
+from learner.sft import (
     IGNORE,
     BatchedHFGenerate,
     SFTExample,
@@ -24,15 +26,14 @@ from finemem.sft import (
     copy_examples,
     lr_at,
     make_batches,
+    repeat_rare_calls,
     response_loss,
     sft_seed,
     shared_prefix_len,
 )
-from finemem.teacher import TeacherNoise, run_teacher_episode
-from finemem.toolcalls import render_tool_calls
 from rollout.types import SamplingSpec
 
-DATA = DataConfig(synth_min_chunks=3, synth_max_chunks=4)
+DATA = DataConfig(synth_min_chunks=3, synth_max_chunks=4, synth_questions_per_instance=9)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,7 @@ def test_examples_are_teacher_steps_with_exact_prompts_and_eos_targets(tok, buil
         assert ex.target_ids[-1] == tok.eos_token_id
         body = tok.decode(ex.target_ids[:-1], skip_special_tokens=False)
         assert body == render_tool_calls(st.calls, "hermes")
+        assert ex.tools == tuple(name for name, _ in st.calls)
         saw_skip |= not st.calls and ex.target_ids == [tok.eos_token_id]
         saw_call |= bool(st.calls)
     assert saw_call
@@ -75,6 +77,20 @@ def test_examples_are_teacher_steps_with_exact_prompts_and_eos_targets(tok, buil
     # too-long examples are dropped, never cut
     short = build_examples(instances, builder, tok, noise, seed=5, max_len=min(e.length for e in examples))
     assert 1 <= len(short) < len(examples) and all(e.length == min(x.length for x in examples) for e in short)
+
+
+def test_examples_with_updates_or_deletes_are_repeated(tok, builder):
+    instances = generate_instances(12, 11, DATA)
+    examples = build_examples(instances, builder, tok, TeacherNoise.from_sft(SFTConfig()), seed=5)
+    rare = [e for e in examples if {"memory_update", "memory_delete"} & set(e.tools)]
+    assert rare and len(rare) < len(examples)
+    assert repeat_rare_calls(examples, 1) == examples
+    out = repeat_rare_calls(examples, 3)
+    assert out[: len(examples)] == examples and len(out) == len(examples) + 2 * len(rare)
+    for e in examples:
+        assert out.count(e) == (3 if e in rare else 1)
+    with pytest.raises(ValueError, match="repeat"):
+        repeat_rare_calls(examples, 0)
 
 
 def test_copy_examples_repeat_a_chunk(tok):
@@ -199,8 +215,8 @@ def test_batched_hf_generate_equals_one_by_one(tok):
 def test_short_sft_run_lowers_the_loss_and_writes_the_run_dir(tmp_path, capsys):
     from finemem.config import load_config
     from finemem.model_init import corpus_texts, init_model
-    from finemem.sft import cli
     from finemem.tracking import read_metrics
+    from learner.sft import cli
 
     cfg = load_config()
     mc = cfg.model
@@ -226,7 +242,9 @@ def test_short_sft_run_lowers_the_loss_and_writes_the_run_dir(tmp_path, capsys):
         "sft.lr=3e-3",
         "sft.threads=1",  # deterministic: the run without evaluation below must train the same
         "rollout.max_response_tokens=16",
+        "data.synth_min_chunks=4",
         "data.synth_max_chunks=4",
+        "data.synth_questions_per_instance=9",
         "wandb.mode=disabled",
     ]
     args = ["--model", str(model_dir), "--out", str(out), "--no-progress", f"run.out_dir={tmp_path / 'runs'}",

@@ -1,8 +1,8 @@
 """`make submit`: a `ray job submit` of `finemem train` to a Ray cluster's dashboard address.
 
 Fast checks: the command line `make submit` renders (preset, overrides, the `python -m finemem`
-entrypoint), the upload leaves out the heavy folders, `_child_env()` never sets an env var the
-job's runtime env also sets (Ray refuses such a job at `ray.init`), and a failing command ends with
+entrypoint), the upload leaves out the heavy folders, `learner.ray_env.child_env()` never sets an env
+var the job's runtime env also sets (Ray refuses such a job at `ray.init`), and a failing command ends with
 one `finemem: error:` line. The heavy test starts a real local Ray head with the `ray` CLI, runs
 `make submit` with the 2-step CPU preset and checks the run directory the job left.
 """
@@ -72,7 +72,7 @@ def test_python_m_finemem_runs_the_cli():
 def test_child_env_never_collides_with_the_job_runtime_env(monkeypatch):
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    from learner.trainer import _child_env
+    from learner.ray_env import child_env
 
     job_env = json.loads(RUNTIME_ENV.read_text())
     job_env["env_vars"]["WANDB_MODE"] = "online"  # a user's runtime env may set any of the kept keys
@@ -81,13 +81,13 @@ def test_child_env_never_collides_with_the_job_runtime_env(monkeypatch):
     for k, v in job_env["env_vars"].items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/opt/torch_extensions")
-    child = _child_env()
+    child = child_env()
     assert not set(child) & set(job_env["env_vars"])
     # Ray's own merge, as `ray.init` runs it inside a job: None means "Failed to merge".
     assert _merge_runtime_env(job_env, {"env_vars": child}) is not None
     assert child["TORCH_EXTENSIONS_DIR"] == "/opt/torch_extensions"  # keys the job leaves unset still pass
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    assert _child_env()["HF_HUB_OFFLINE"] == "1"  # outside a job: unchanged
+    assert child_env()["HF_HUB_OFFLINE"] == "1"  # outside a job: unchanged
 
 
 def _fails(argv):

@@ -19,7 +19,12 @@ pytestmark = pytest.mark.heavy
 def _config(tmp_path, model_dir, train_path, eval_path, total_steps: int):
     from finemem.config import load_config
 
-    return load_config([
+    return load_config(tiny_overrides(tmp_path, model_dir, train_path, eval_path, total_steps))
+
+
+def tiny_overrides(tmp_path, model_dir, train_path, eval_path, total_steps: int) -> list[str]:
+    """The overrides of a tiny GRPO run on 2 CPUs (a few seconds per step)."""
+    return [
         f"model.path={model_dir}", "model.max_model_len=1024", "memory.prompt_budget=768",
         f"data.train_path={train_path}", f"data.eval_path={eval_path}", "data.format=jsonl",
         "rollout.group_size=4", "rollout.max_response_tokens=24", "rollout.kv_cache_bytes=67108864",
@@ -27,7 +32,7 @@ def _config(tmp_path, model_dir, train_path, eval_path, total_steps: int):
         "learner.checkpoint_every=1", "learner.zero_stage=2", "learner.micro_batch_tokens=2048",
         "algo.max_staleness=0", "reward.num_actors=1", "eval.instances=2", "eval.samples_per_instance=1",
         f"run.out_dir={tmp_path / 'runs'}", "run.name=it", "run.seed=3", "wandb.mode=disabled",
-    ])
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +57,7 @@ def build_train_setup(tmp):
     model_dir = init_model(tmp / "model", mc, corpus_texts(base, 300))
     dc = copy.deepcopy(base.data)
     dc.synth_min_chunks, dc.synth_max_chunks = 2, 2
+    dc.synth_questions_per_instance = 5  # <= 2 chunks x 3 facts, leaving room for one update
     write_jsonl(generate_instances(5, 7, dc), tmp / "train.jsonl")
     write_jsonl(generate_instances(2, 99, dc), tmp / "eval.jsonl")
     return tmp, model_dir
@@ -75,6 +81,7 @@ def test_two_grpo_steps_then_exact_resume(setup, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     tmp, model_dir = setup
     cfg = _config(tmp, model_dir, tmp / "train.jsonl", tmp / "eval.jsonl", total_steps=2)
+    cfg.eval.every = 1  # a held-out point after step 1 (not after the last step: "after" is that one)
     run = RunDir.create(cfg.run.out_dir, cfg.run.name)
     save_config(cfg, run.config_path)
     trainer = Trainer(cfg, run)
@@ -82,7 +89,7 @@ def test_two_grpo_steps_then_exact_resume(setup, monkeypatch):
         trainer.start()
         trainer.train()
         engine_versions = ray.get([e.version.remote() for e in trainer.engines])
-        result = trainer.evaluate("after")
+        result = trainer.evaluate("after", trainer.final_step)
     finally:
         trainer.shutdown()
         ray.shutdown()
@@ -106,6 +113,9 @@ def test_two_grpo_steps_then_exact_resume(setup, monkeypatch):
     assert min(r["batch/zero_variance_groups"] for r in rows) < 1.0, "every group had equal rewards"
     assert changed, "no weight changed after two GRPO steps"
     assert 0.0 <= result["accuracy"] <= 1.0 and result["episodes"] == 2
+    curve = [json.loads(line) for line in (run.path / "eval_curve.jsonl").read_text().splitlines()]
+    assert [(p["step"], p["label"]) for p in curve] == [(1, "step1"), (2, "after")]
+    assert curve[1]["accuracy"] == result["accuracy"] and 0.0 <= curve[0]["valid_call_rate"] <= 1.0
 
     # Resume: one more step from the step-2 checkpoint, same data order as an uninterrupted run.
     cfg2, run2, resume = build_config([f"resume={run.path}", "learner.total_steps=3"])

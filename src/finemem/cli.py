@@ -19,12 +19,15 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "synth"): ("finemem.data.synth:cli", "generate seeded synthetic Memalpha-format instances"),
     ("data", "inspect"): ("finemem.data.inspect:cli", "counts per source, chunks, tokens, questions"),
     ("data", "chunk-qa"): ("reward.chunk_qa:cli", "generate and verify chunk-level QA with LLM endpoints"),
+    ("data", "import-mab-results"): ("finemem.data.mab_import:cli",
+                                     "one instance from a MemoryAgentBench context and results file"),
     ("score",): ("finemem.scoring:cli", "recompute metrics over a results file"),
     ("model", "init"): ("finemem.model_init:cli", "build the local tokenizer and tiny Qwen3 policy"),
-    ("sft",): ("finemem.sft:cli", "supervised warm start on scripted-teacher traces"),
+    ("sft",): ("learner.sft:cli", "supervised warm start on scripted-teacher traces"),
     ("rollout",): ("rollout.cli:cli", "run memory-agent episodes with vLLM engine actors"),
     ("train",): ("learner.trainer:cli", "Fine-Mem GRPO training on Ray"),
-    ("eval",): ("learner.evaluate:cli", "score a policy on held-out instances"),
+    ("eval",): ("learner.harness:cli", "benchmark a memory manager (policy, openai, rag, long_context, teacher)"),
+    ("ablation",): ("learner.ablation:cli", "reward ablation over presets and seeds: table, curves, verdict"),
 }
 
 
@@ -48,7 +51,7 @@ def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[arg
 def _usage() -> str:
     lines = ["usage: finemem <command> [--flags] [key=value ...]", "", "commands:"]
     for words, (_, help_) in COMMANDS.items():
-        lines.append(f"  {' '.join(words):<16} {help_}")
+        lines.append(f"  {' '.join(words):<24} {help_}")
     return "\n".join(lines)
 
 

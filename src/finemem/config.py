@@ -78,12 +78,15 @@ class DataConfig:
     synth_eval_instances: int = 64
     synth_train_seed: int = 1
     synth_eval_seed: int = 100001
-    synth_min_chunks: int = 4
+    # 5-6 chunks of 3 facts + 1 distractor (4 sentences) and 13 questions, so the paper's 20% global
+    # sample asks round(0.2 * 13) = 3 (with 6 questions it asked 1: a coin flip per episode);
+    # needs synth_min_chunks * synth_facts_per_chunk >= synth_questions_per_instance
+    synth_min_chunks: int = 5
     synth_max_chunks: int = 6
-    synth_facts_per_chunk: int = 2
-    synth_distractors_per_chunk: int = 2
+    synth_facts_per_chunk: int = 3
+    synth_distractors_per_chunk: int = 1
     synth_update_prob: float = 0.3
-    synth_questions_per_instance: int = 6
+    synth_questions_per_instance: int = 13
     chunk_qa_per_chunk: int = 5
 
 
@@ -241,6 +244,19 @@ class EvalConfig:
     temperature: float = 1.0  # the policy's sampling temperature during evaluation (0 = greedy)
     before_training: bool = True
     after_training: bool = True
+    # Also every K training steps (0 = only before and after): the held-out curve of a run, written to
+    # eval_curve.jsonl and W&B's eval/* (`finemem ablation` plots it).
+    every: int = 0
+    # `finemem eval` (learner.harness): who builds the memory the answerer reads. policy (model.path on
+    # vLLM engine actors) | openai (eval.endpoint as the manager, same prompts and tool calls) | rag (no
+    # manager: BM25 top-k raw chunks) | long_context (no manager: the newest context that fits
+    # eval.context_tokens) | teacher (the scripted teacher; synthetic data only)
+    manager: str = "policy"
+    rag_top_k: int = 0  # rag: chunks retrieved per question (0: retrieval.top_k)
+    context_tokens: int = 6000  # long_context: context budget in whitespace words, cut from the oldest end
+    # openai manager: the chat endpoint (base_url, model, temperature, max_tokens, retries, ...)
+    endpoint: AnswererConfig = field(default_factory=lambda: AnswererConfig(kind="openai", temperature=0.7,
+                                                                            max_tokens=1024))
 
 
 @dataclass
@@ -249,6 +265,7 @@ class WandbConfig:
     project: str = "finemem"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+    group: str | None = None  # W&B run group (`finemem ablation` puts all its runs in one)
 
 
 @dataclass
@@ -273,6 +290,9 @@ class ConfigError(ValueError):
     """A configuration that cannot be loaded; the message names the key and what to change."""
 
 
+EVAL_MANAGERS = ("policy", "openai", "rag", "long_context", "teacher")  # `eval.manager` choices
+
+
 def validate_config(cfg: Any) -> None:
     """Checks that hold for every command, run at load: values that would only fail deep inside
     a Ray actor (the reward scorer) fail here, naming the key and the valid choices."""
@@ -286,6 +306,12 @@ def validate_config(cfg: Any) -> None:
     chunk = str(cfg.reward.chunk_qa_metric)
     if chunk not in chunk_metrics:
         raise ConfigError(f"reward.chunk_qa_metric={chunk!r}: choose one of {', '.join(chunk_metrics)}")
+    manager = str(cfg.eval.manager)
+    if manager not in EVAL_MANAGERS:
+        raise ConfigError(f"eval.manager={manager!r}: choose one of {', '.join(EVAL_MANAGERS)}")
+    for key in ("rag_top_k", "context_tokens"):
+        if int(getattr(cfg.eval, key)) < 0:
+            raise ConfigError(f"eval.{key}={getattr(cfg.eval, key)}: must be >= 0")
 
 
 def validate_training(cfg: Any) -> None:
@@ -302,6 +328,8 @@ def validate_training(cfg: Any) -> None:
         raise ConfigError(
             f"rollout.temperature={temperature}: training needs sampled rollouts (> 0; greedy ones cannot be trained on)"
         )
+    if int(cfg.eval.every) < 0:
+        raise ConfigError(f"eval.every={cfg.eval.every}: must be >= 0 (0 = evaluate only before and after training)")
     top_p = float(cfg.rollout.top_p)
     if top_p != 1.0:
         raise ConfigError(

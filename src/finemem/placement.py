@@ -24,6 +24,11 @@ from finemem.config import ConfigError
 # learner/answerer_server.py reserves one CPU (and cluster.answerer_gpus GPUs) for `vllm serve`.
 ANSWERER_NUM_CPUS = 1.0
 
+# `rollout.weight_transport` choices (rollout.weight_sync implements them); nccl_cpu is vLLM's
+# weight-transfer backend name of the CPU stand-in (rollout.cpu_group_transfer).
+CPU_BACKEND = "nccl_cpu"
+TRANSPORTS = ("auto", "object_store", "nccl", CPU_BACKEND)
+
 
 @dataclass(frozen=True)
 class ActorRequest:
@@ -110,13 +115,11 @@ def actor_requests(cfg) -> list[ActorRequest]:
 
 
 def resolve_weight_transport(cfg, device: str) -> tuple[str, str | None]:
-    """(transport, problem): "auto" -> nccl on cuda, object_store on cpu. Names come from
-    `rollout.weight_sync.TRANSPORTS` so a transport added there is accepted here too."""
-    from rollout import weight_sync
-
+    """(transport, problem): "auto" -> nccl on cuda, object_store on cpu. `rollout.weight_sync`
+    implements the transports named in TRANSPORTS."""
     name = str(cfg.rollout.weight_transport)
-    if name not in weight_sync.TRANSPORTS:
-        return name, f"rollout.weight_transport={name}: choose one of {', '.join(weight_sync.TRANSPORTS)}"
+    if name not in TRANSPORTS:
+        return name, f"rollout.weight_transport={name}: choose one of {', '.join(TRANSPORTS)}"
     learner_on_cpu = device == "cuda" and int(cfg.cluster.learner_gpus) == 0
     if name == "auto":
         return ("nccl" if device == "cuda" and not learner_on_cpu else "object_store"), None
@@ -127,8 +130,7 @@ def resolve_weight_transport(cfg, device: str) -> tuple[str, str | None]:
         return name, ("rollout.weight_transport=nccl needs CUDA GPUs but this placement is on CPU "
                       f"(cluster.num_gpus={cfg.cluster.num_gpus}); set rollout.weight_transport=auto or "
                       "object_store, or use a GPU cluster preset")
-    cpu_only = getattr(weight_sync, "CPU_BACKEND", None)  # the CPU stand-in of nccl (gloo group)
-    if name == cpu_only and device == "cuda":
+    if name == CPU_BACKEND and device == "cuda":  # the CPU stand-in of nccl (gloo group)
         return name, (f"rollout.weight_transport={name} is the CPU stand-in of nccl, but this placement is on "
                       f"GPUs (cluster.num_gpus={cfg.cluster.num_gpus}); set rollout.weight_transport=nccl or auto")
     return name, None

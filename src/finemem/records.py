@@ -196,6 +196,10 @@ class Episode:
     group_index: int
     steps: list[StepSample] = field(default_factory=list)
     error: str | None = None
+    # The training step whose batch sampled this episode (0 outside training). It seeds the global-
+    # question subset with the run seed and the instance id, so a revisited instance is asked a fresh
+    # 20% while the G rollouts of one group (same step) are still asked the same questions.
+    train_step: int = 0
 
     @property
     def final_memory(self) -> list[MemoryItem]:
@@ -212,6 +216,7 @@ class Episode:
             "group_index": self.group_index,
             "steps": [s.to_dict() for s in self.steps],
             "error": self.error,
+            "train_step": self.train_step,
         }
 
     @classmethod
@@ -222,6 +227,7 @@ class Episode:
             group_index=int(d.get("group_index", 0)),
             steps=[StepSample.from_dict(s) for s in d.get("steps", [])],
             error=d.get("error"),
+            train_step=int(d.get("train_step", 0)),
         )
 
 

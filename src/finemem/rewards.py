@@ -53,9 +53,12 @@ def chunk_reward(scores: Sequence[float]) -> float:
 # ------------------------------------------------------------------------- global question sample
 
 
-def derive_seed(run_seed: int, instance_id: str) -> int:
-    """A stable 63-bit seed from (run seed, instance id); the same in every process (no `hash()`)."""
-    digest = hashlib.sha256(f"{run_seed}:{instance_id}".encode()).digest()
+def derive_seed(run_seed: int, instance_id: str, step: int = 0) -> int:
+    """A stable 63-bit seed from (run seed, instance id, training step); the same in every process
+    (no `hash()`). Step 0 (outside training) keeps the seed of (run seed, instance id) alone, so
+    evaluation asks what it always asked; each training step draws its own subset."""
+    key = f"{run_seed}:{instance_id}" if step == 0 else f"{run_seed}:{instance_id}:step{step}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
@@ -71,8 +74,9 @@ def num_global_questions(num_questions: int, fraction: float) -> int:
 def sample_global_questions(num_questions: int, fraction: float, seed: int) -> list[int]:
     """Indices (sorted) of the global questions asked for an instance.
 
-    The seed comes from `derive_seed(run seed, instance id)`, so every rollout of a GRPO group is
-    asked the same questions and their rewards are comparable.
+    The seed comes from `derive_seed(run seed, instance id, training step)`, so every rollout of a
+    GRPO group is asked the same questions and their rewards are comparable, and a later visit of
+    the instance is asked a new subset.
     """
     m = num_global_questions(num_questions, fraction)
     return sorted(random.Random(seed).sample(range(num_questions), m))

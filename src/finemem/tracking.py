@@ -190,6 +190,7 @@ class Tracker:
                     config=config,
                     mode=mode,
                     tags=list(getattr(wandb_cfg, "tags", []) or []),
+                    group=getattr(wandb_cfg, "group", None),
                     resume="allow" if resume else None,
                     id=run_dir.path.name.replace(".", "-"),
                 )
@@ -205,6 +206,12 @@ class Tracker:
             raise RunDirWriteError(self.run_dir.metrics_path, err) from err
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
+
+    def log_extra(self, metrics: dict[str, Any], step: int) -> None:
+        """Metrics W&B shows next to the step's row, kept out of metrics.jsonl (one row per training
+        step there): the held-out curve, which the run directory keeps in eval_curve.jsonl."""
+        if self._wandb is not None:
+            self._wandb.log({k: _jsonable(v) for k, v in metrics.items() if v is not None}, step=step)
 
     def close(self) -> None:
         try:

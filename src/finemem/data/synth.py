@@ -8,8 +8,13 @@ An instance is a short stream of chunks about a few people. Each chunk mixes
 - distractors that are never asked about but share words with the questions (names, attribute
   words, even a value of the right kind), so storing them costs memory and retrieval precision.
 
-Global questions ask about the latest value of a sample of the instance's facts (updated facts
-first); chunk QA asks about the facts and updates of one chunk, with the value as of that chunk.
+Global questions ask about the latest value of `synth_questions_per_instance` of the instance's
+(entity, attribute) pairs, as MemoryAgentBench's FactConsolidation does (the task is conflict
+resolution): first one pair per chunk (one whose latest value that chunk writes, an updated one if
+any), so every chunk holds an answer, then the other updated pairs, then the rest. The planner keeps
+at least that many distinct pairs, so the reward's 20% global sample (3 of the default 13) is never
+a single coin flip. Chunk QA asks about the facts and updates of one chunk, with the value as of
+that chunk.
 `metadata["chunk_facts"]` keeps the structured truth per chunk for the scripted teacher.
 
 Vocabulary rules (checked by tests): ASCII only; no value is a substring of any other word the
@@ -172,6 +177,20 @@ def _check_config(cfg: DataConfig) -> None:
         )
     if cfg.chunk_qa_per_chunk < 0:
         problems.append(f"data.chunk_qa_per_chunk must be >= 0, got {cfg.chunk_qa_per_chunk}")
+    if cfg.synth_min_chunks * cfg.synth_facts_per_chunk < cfg.synth_questions_per_instance:
+        problems.append(
+            f"data.synth_questions_per_instance ({cfg.synth_questions_per_instance}) needs as many distinct "
+            f"facts, but data.synth_min_chunks * data.synth_facts_per_chunk = {cfg.synth_min_chunks} * "
+            f"{cfg.synth_facts_per_chunk} = {cfg.synth_min_chunks * cfg.synth_facts_per_chunk}: raise those "
+            "or lower data.synth_questions_per_instance"
+        )
+    most_pairs = ENTITIES_PER_INSTANCE[0] * len(ATTRIBUTES)
+    if cfg.synth_questions_per_instance > most_pairs:
+        problems.append(
+            f"data.synth_questions_per_instance must be <= {most_pairs} (the distinct facts of "
+            f"{ENTITIES_PER_INSTANCE[0]} people x {len(ATTRIBUTES)} attributes), "
+            f"got {cfg.synth_questions_per_instance}"
+        )
     if problems:
         raise ConfigError("synthetic data config: " + "; ".join(problems))
 
@@ -180,7 +199,18 @@ def _plan_events(
     rng: random.Random, entities: list[str], num_chunks: int, cfg: DataConfig
 ) -> list[list[_Event]]:
     """Facts and updates per chunk: each (entity, attribute) starts once; updates change a value
-    written in an earlier chunk to one it never had."""
+    written in an earlier chunk to one it never had.
+
+    Every fact slot from chunk 2 on is an update with probability `synth_update_prob`, but at most
+    `slots - synth_questions_per_instance` of them are (a uniform subset of the drawn ones), so the
+    instance keeps at least `synth_questions_per_instance` distinct pairs to ask about; drawing the
+    update slots up front keeps updates spread over the stream instead of spending the budget early.
+    """
+    per_chunk = cfg.synth_facts_per_chunk
+    slots = num_chunks * per_chunk
+    drawn = [s for s in range(per_chunk, slots) if rng.random() < cfg.synth_update_prob]
+    budget = max(0, slots - cfg.synth_questions_per_instance)
+    update_slots = set(rng.sample(drawn, min(budget, len(drawn))))
     history: dict[tuple[str, str], list[str]] = {}  # pair -> values in order
     last_chunk: dict[tuple[str, str], int] = {}
     unused = [(e, a) for e in entities for a in ATTRIBUTES]
@@ -188,10 +218,10 @@ def _plan_events(
     for c in range(num_chunks):
         events: list[_Event] = []
         touched: set[tuple[str, str]] = set()
-        for _ in range(cfg.synth_facts_per_chunk):
+        for i in range(per_chunk):
             eligible = [p for p in history if last_chunk[p] < c and p not in touched]
             eligible = [p for p in eligible if len(history[p]) < len(ATTRIBUTES[p[1]])]
-            if eligible and (not unused or rng.random() < cfg.synth_update_prob):
+            if eligible and (not unused or c * per_chunk + i in update_slots):
                 pair = rng.choice(eligible)
                 value = rng.choice([v for v in ATTRIBUTES[pair[1]] if v not in history[pair]])
                 kind = "update"
@@ -249,6 +279,37 @@ def _chunk_qa(rng: random.Random, events: list[_Event], k: int) -> list[QAPair]:
     return out
 
 
+def _select_asked(rng: random.Random, plan: list[list[_Event]], count: int) -> list[tuple[str, str]]:
+    """The (entity, attribute) pairs the global questions ask about, in question order.
+
+    First one pair per chunk, among those whose latest value that chunk writes (an updated pair if
+    there is one; any pair the chunk touches when later chunks superseded all of them), so every
+    chunk carries an answer; then the remaining updated pairs (conflict resolution); then the rest.
+    """
+    latest_chunk: dict[tuple[str, str], int] = {}
+    updated: set[tuple[str, str]] = set()
+    for c, events in enumerate(plan):
+        for ev in events:
+            latest_chunk[(ev.entity, ev.attribute)] = c
+            if ev.kind == "update":
+                updated.add((ev.entity, ev.attribute))
+    asked: list[tuple[str, str]] = []
+    for c, events in enumerate(plan):
+        if any(latest_chunk[p] == c for p in asked):
+            continue
+        touched = [(ev.entity, ev.attribute) for ev in events if (ev.entity, ev.attribute) not in asked]
+        here = [p for p in touched if latest_chunk[p] == c] or touched
+        if here:
+            asked.append(rng.choice([p for p in here if p in updated] or here))
+    rest_updated = [p for p in latest_chunk if p in updated and p not in asked]
+    rest_others = [p for p in latest_chunk if p not in updated and p not in asked]
+    rng.shuffle(rest_updated)
+    rng.shuffle(rest_others)
+    asked = (asked + rest_updated + rest_others)[:count]
+    rng.shuffle(asked)
+    return asked
+
+
 def generate_instance(seed: int, index: int, cfg: DataConfig | None = None) -> Instance:
     """Instance `index` of the stream seeded by `seed` (independent of the other indices)."""
     cfg = cfg if cfg is not None else DataConfig()
@@ -297,13 +358,8 @@ def generate_instance(seed: int, index: int, cfg: DataConfig | None = None) -> I
     for events in plan:
         for ev in events:
             latest[(ev.entity, ev.attribute)] = ev.value
-    updated = [p for p in latest if any(ev.kind == "update" and (ev.entity, ev.attribute) == p
-                                        for events in plan for ev in events)]  # fmt: skip
-    others = [p for p in latest if p not in updated]
-    rng.shuffle(updated)
-    rng.shuffle(others)
-    asked = (updated + others)[: cfg.synth_questions_per_instance]
-    rng.shuffle(asked)
+    asked = _select_asked(rng, plan, cfg.synth_questions_per_instance)
+    updated = {(ev.entity, ev.attribute) for events in plan for ev in events if ev.kind == "update"}
     questions = [
         QAPair(rng.choice(QUESTION_TEMPLATES).format(name=e, attribute=a), gold_aliases(latest[(e, a)]))
         for e, a in asked
