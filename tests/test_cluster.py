@@ -97,7 +97,7 @@ def test_trainer_counts_gpus_from_the_ray_cluster(tmp_path):
     import ray
     import torch
 
-    from finemem.config import load_config
+    from finemem.config import ConfigError, load_config
     from finemem.tracking import RunDir
     from learner.trainer import Trainer
     from rollout.engine import EngineSpec
@@ -112,7 +112,7 @@ def test_trainer_counts_gpus_from_the_ray_cluster(tmp_path):
     ray.init(num_cpus=16, num_gpus=8, include_dashboard=False, log_to_driver=False)
     try:
         trainer = Trainer(cfg, RunDir.create(cfg.run.out_dir, "gpus"))
-        with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        with pytest.raises(ConfigError, match="missing.parquet: no such data file"):
             trainer.start()
     finally:
         ray.shutdown()
