@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from statistics import fmean
 from typing import Any
 
-from finemem.records import Episode, Instance
+from finemem.records import Episode, Instance, episode_ids
 
 
 def eval_reward_config(cfg):
@@ -75,7 +75,7 @@ def run_on_engines(engines: list, instances: Sequence[Instance], samples: int, s
 
     refs = []
     for i, inst in enumerate(instances):
-        ids = [f"eval-{label}-{i}-g{g}" for g in range(samples)]
+        ids = episode_ids(f"eval-{label}-{i}", samples)
         refs.append(engines[i % len(engines)].run_group.remote(inst, samples, ids, sampling))
     return [ep for group in ray.get(refs) for ep in group]
 

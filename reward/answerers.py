@@ -128,10 +128,14 @@ class Answerer(Protocol):
 
 
 def format_evidence(evidence: Sequence[MemoryItem]) -> str:
-    """Memory items as the prompt shows them: `[id] content` lines."""
+    """Retrieved items as the answerer sees them: `- content` lines, in retrieval order.
+
+    No item ids: they mean nothing to the answerer, and without them equal evidence is an equal
+    request whichever ids the rollouts gave it, so the request cache (`reward.answer_cache`) answers
+    it once."""
     if not evidence:
         return "(no memory entries)"
-    return "\n".join(f"[{m.id}] {m.content}" for m in evidence)
+    return "\n".join(f"- {m.content}" for m in evidence)
 
 
 # The benchmark's answer instruction per competency (MemoryAgentBench's templates, shortened), added

@@ -110,7 +110,7 @@ class RuleModel:
             return json.dumps(pairs)
         if system == ANSWER_SYSTEM or "Question:" in user:
             question = set(_words(_section(user, "Question")))
-            lines = [re.sub(r"^\[[^\]]*\]\s*", "", ln) for ln in _section(user, "Memory").splitlines()]
+            lines = [re.sub(r"^(?:\[[^\]]*\]|-)\s*", "", ln) for ln in _section(user, "Memory").splitlines()]
             lines = [ln for ln in lines if ln and ln != "(no memory entries)"]
             if not lines:
                 return "I don't know."

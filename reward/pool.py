@@ -2,7 +2,10 @@
 
 Episodes are handed out as actors free up (one in flight per actor, the rest wait in a backlog on
 the driver), and results come back in completion order, so a slow episode never holds up the
-others (no lock-step batches). An actor that dies (`RayActorError`) is replaced by a fresh one and
+others (no lock-step batches). Each actor answers through its own request cache
+(`reward.answer_cache`), so the rollouts of one group go to one actor where they can: a free actor
+takes the oldest episode of a group it already scores, else of a group nobody scores yet, and only
+then one of another actor's groups (no actor idles while episodes wait). An actor that dies (`RayActorError`) is replaced by a fresh one and
 its episode goes to the front of the backlog: nothing is lost and nothing is scored twice.
 An episode whose scoring raises (e.g. `AnswererUnavailable` once the answerer's retries are
 spent) is reported as `EpisodeScoringError` naming the episode, with the original exception (not
@@ -26,7 +29,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from finemem.config import FineMemConfig, to_container
-from finemem.records import Episode, EvidenceRecord, ScoredEpisode
+from finemem.records import Episode, EvidenceRecord, ScoredEpisode, group_of
 
 
 class EpisodeScoringError(RuntimeError):
@@ -77,11 +80,12 @@ class RewardActor:
     ) -> None:
         from omegaconf import OmegaConf
 
+        from reward.answer_cache import with_cache
         from reward.answerers import make_answerer
         from reward.scorer import check_answerer_for_preset
 
         self.cfg = OmegaConf.merge(OmegaConf.structured(FineMemConfig), cfg_dict)
-        self.answerer = make_answerer(self.cfg.reward.answerer)
+        self.answerer = with_cache(make_answerer(self.cfg.reward.answerer), self.cfg.reward.answerer)
         check_answerer_for_preset(str(self.cfg.reward.preset), self.answerer)
         _check_counter_args(count_tokens, tokenizer_path)
         self.count_tokens = policy_token_counter(tokenizer_path) if tokenizer_path is not None else count_tokens
@@ -142,6 +146,19 @@ def scoring_payload(episode: Episode) -> dict[str, Any]:
     }
 
 
+def pick_episode(groups: list[str], homes: dict[str, int], slot: int) -> int:
+    """Which backlog entry (given as its episodes' groups, oldest first) the actor in `slot` takes:
+    the oldest of a group homed at `slot`, else of a group with no home, else the oldest of all."""
+    unhomed = None
+    for i, group in enumerate(groups):
+        home = homes.get(group)
+        if home == slot:
+            return i
+        if home is None and unhomed is None:
+            unhomed = i
+    return 0 if unhomed is None else unhomed
+
+
 def _scored(episode: Episode, out: dict[str, Any]) -> ScoredEpisode:
     return ScoredEpisode(
         episode=episode,
@@ -186,6 +203,7 @@ class RewardPool:
         self._idle: deque[Any] = deque(self.actors)
         self._backlog: deque[Episode] = deque()
         self._inflight: dict[Any, tuple[Any, Episode]] = {}
+        self._homes: dict[str, int] = {}  # group -> the actor slot scoring it (see pick_episode)
         self._deaths: Counter[str] = Counter()
         self.actors_replaced = 0
         self.episodes_scored = 0
@@ -210,7 +228,14 @@ class RewardPool:
     def _dispatch(self) -> None:
         while self._idle and self._backlog:
             actor = self._idle.popleft()
-            episode = self._backlog.popleft()
+            slot = self.actors.index(actor)
+            i = pick_episode([group_of(e.episode_id) for e in self._backlog], self._homes, slot)
+            episode = self._backlog[i]
+            del self._backlog[i]
+            group = group_of(episode.episode_id)
+            self._homes.setdefault(group, slot)
+            if len(self._homes) > 4096:  # old groups are done: forget the oldest homes
+                del self._homes[next(iter(self._homes))]
             self._inflight[actor.score.remote(scoring_payload(episode))] = (actor, episode)
 
     def _replace(self, dead) -> Any:

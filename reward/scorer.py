@@ -12,6 +12,9 @@ Scoring rules (see `finemem.rewards` for the maths):
   `train_step`, so every rollout of a group gets the same ones and each training visit of an
   instance a new sample), answered from M_T and scored with the data source's metric
   (`reward.metric`, "auto" by source); `llm_judge` sources go through `answerer.judge`;
+- each request goes to the answerer it is given; the reward actors give a `CachedAnswerer`, and
+  the episode's stats say how many requests (`answers`) reached it and how many it sent
+  (`answer_calls`);
 - tokens(M_T) counts the final memory rendered as `[id] content` lines (as
   `FlatMemory.token_length`), with `count_tokens` (default: whitespace words).
 """
@@ -29,6 +32,7 @@ from finemem.memory import word_count
 from finemem.records import Episode, EvidenceRecord, MemoryItem, QAPair, ScoredEpisode
 from finemem.retrieval import BM25Index
 from finemem.scoring import metric_for_source, score_answer
+from reward.answer_cache import count_requests
 from reward.answerers import AnswererError
 
 CountTokens = Callable[[str], int]
@@ -188,7 +192,8 @@ async def score_episode_async(
     chunk_jobs = [sc.step_chunk_scores(t) for t in range(1, T + 1)] if "chunk" in needed else []
     content_jobs = [sc.step_content(t) for t in range(1, T + 1)] if "content" in needed else []
     global_jobs = [sc.global_question(final_index, j) for j in asked]
-    results = await asyncio.gather(*chunk_jobs, *content_jobs, *global_jobs)
+    with count_requests() as counts:  # the gather's tasks copy this context: they count here
+        results = await asyncio.gather(*chunk_jobs, *content_jobs, *global_jobs)
     chunk_scores: list[list[float]] = list(results[: len(chunk_jobs)])
     content = list(results[len(chunk_jobs) : len(chunk_jobs) + len(content_jobs)])
     evidence: list[EvidenceRecord] = list(results[len(chunk_jobs) + len(content_jobs) :])
@@ -227,6 +232,9 @@ async def score_episode_async(
         "memory_tokens": float(memory_tokens),
         "chunk_tokens": float(chunk_tokens),
         "answers": float(sc.answers),
+        # requests the answerer was actually sent: the rest were answered by reward/answer_cache.py
+        "answer_calls": float(sc.answers - counts["cache_hits"]),
+        "answer_cache_hits": float(counts["cache_hits"]),
         "answer_failures": float(sc.failures),
         "return": float(sum(breakdown.rewards)),
     }

@@ -81,7 +81,8 @@ def test_answer_over_http_sends_the_request_we_mean(server):
     assert body["model"] == "test-model"
     assert body["temperature"] == 0.1
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
-    assert "[m1] Mira's locker code is 4821." in body["messages"][-1]["content"]
+    assert "\n- Mira's locker code is 4821." in body["messages"][-1]["content"]
+    assert "[m1]" not in body["messages"][-1]["content"]  # ids mean nothing to the answerer
     m = a.metrics()
     assert m["requests"] == 1 and m["successes"] == 1 and m["failures"] == 0
     assert m["prompt_tokens"] > 0 and m["completion_tokens"] > 0 and m["latency_mean_s"] > 0

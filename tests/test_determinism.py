@@ -37,10 +37,11 @@ STEPS = 3
 
 def test_timing_dependent_keys():
     for key in ("time", "time/train_s", "throughput/gen_tokens_per_s", "queue/depth_at_take",
-                "learner/step_time_s", "reward_pool/answer_calls", "reward_pool/latency_mean_s"):
+                "learner/step_time_s", "reward_pool/answer_calls", "reward_pool/latency_mean_s",
+                "answerer/cache_hit_rate", "reward_stats/answer_calls", "reward_stats/answer_cache_hits"):
         assert timing_dependent(key), key
     for key in ("step", "reward/mean", "learner/loss", "policy_version", "rollout/policy_version_min",
-                "batch/samples", "faults/resubmitted_groups", "learner/lr"):
+                "batch/samples", "faults/resubmitted_groups", "learner/lr", "reward_stats/answers"):
         assert not timing_dependent(key), key
 
 

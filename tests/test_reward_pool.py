@@ -12,7 +12,7 @@ import pytest
 
 from finemem.config import load_config
 from finemem.data.synth import generate_instances
-from finemem.records import Episode, StepSample
+from finemem.records import Episode, StepSample, episode_ids
 from finemem.teacher import TeacherNoise, run_teacher_episode
 from reward.answerers import EvidenceReader
 from reward.scorer import score_episode
@@ -133,6 +133,35 @@ def test_results_match_local_scoring_and_come_once(pool):
         assert [e.to_dict() for e in s.evidence] == [e.to_dict() for e in want.evidence]
         assert s.episode is not None and len(s.rewards) == s.episode.instance.num_steps
     assert pool.pending == 0
+
+
+@pytest.mark.heavy
+def test_groups_stay_on_one_actor_and_each_request_is_sent_once(ray_local):
+    """Two groups of 4 rollouts that write the same memory, on 2 actors: the rewards are those of
+    uncached local scoring, and at most half the requests reach the answerer (each actor answers a
+    distinct request once; a group split over both actors is the worst case, exactly half)."""
+    from reward.pool import RewardPool
+
+    cfg = load_config([])
+    episodes = []
+    for i, inst in enumerate(generate_instances(2, 8)):
+        steps = run_teacher_episode(inst, TeacherNoise(), random.Random(i))
+        samples = [StepSample(s.step, [], [], [], "", s.results, s.memory_after) for s in steps]
+        episodes += [Episode(eid, inst, g, samples) for g, eid in enumerate(episode_ids(f"s1-i{i}", 4))]
+    expected = {e.episode_id: score_episode(e, cfg, EvidenceReader()) for e in episodes}
+    p = RewardPool(cfg, num_actors=2)
+    try:
+        got = list(p.score_many(episodes, backlog=len(episodes)))
+        metrics = p.metrics()
+    finally:
+        p.shutdown()
+    assert sorted(s.episode.episode_id for s in got) == sorted(expected)
+    for s in got:
+        assert s.rewards == expected[s.episode.episode_id].rewards
+    requests = sum(s.stats["answers"] for s in got)
+    assert metrics["cache_requests"] == requests
+    assert metrics["answer_calls"] == sum(s.stats["answer_calls"] for s in got) <= requests / 2
+    assert metrics["cache_hits"] == requests - metrics["answer_calls"]
 
 
 @pytest.mark.heavy

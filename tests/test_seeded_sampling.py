@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from finemem.config import load_config
+from finemem.records import episode_ids
 from rollout.engine import EngineSpec, resolve_chunked_prefill
 
 MAX_LEN = 1024
@@ -157,7 +158,7 @@ def test_trainer_sampling_reproduces_episodes(actor, cfg, loop):
     from learner.trainer import Trainer
 
     inst = generate_instances(1, 424242, cfg.data)[0]
-    ids = [f"s1-i0-g{g}" for g in range(4)]
+    ids = episode_ids("s1-i0", 4)
     sampling = Trainer._sampling(SimpleNamespace(cfg=cfg))
     assert sampling["seed"] == 5 and sampling["temperature"] > 0
 

@@ -110,6 +110,10 @@ class AnswererConfig:
     backoff_max_s: float = 30.0  # cap of one retry wait (waits grow as backoff_s * 2**attempt)
     failure_scores_zero: bool = False  # if True a request that still fails scores 0 instead of raising
     disable_thinking: bool = True
+    # Training's reward actors answer each distinct request (prompt + settings) once: reward/answer_cache.py.
+    # At temperature > 0 identical requests then share one sampled answer; false sends every request.
+    cache: bool = True
+    cache_max_entries: int = 100_000  # per reward actor, least recently used dropped first
 
 
 @dataclass
@@ -306,6 +310,8 @@ def validate_config(cfg: Any) -> None:
     chunk = str(cfg.reward.chunk_qa_metric)
     if chunk not in chunk_metrics:
         raise ConfigError(f"reward.chunk_qa_metric={chunk!r}: choose one of {', '.join(chunk_metrics)}")
+    if int(cfg.reward.answerer.cache_max_entries) < 1:
+        raise ConfigError(f"reward.answerer.cache_max_entries={cfg.reward.answerer.cache_max_entries}: must be >= 1")
     manager = str(cfg.eval.manager)
     if manager not in EVAL_MANAGERS:
         raise ConfigError(f"eval.manager={manager!r}: choose one of {', '.join(EVAL_MANAGERS)}")

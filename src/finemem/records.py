@@ -187,6 +187,16 @@ class StepSample:
         return _from_dict(cls, d)
 
 
+def episode_ids(group: str, size: int) -> list[str]:
+    """The ids of a group's `size` rollouts: `<group>-g<i>` (`group_of` reads the group back)."""
+    return [f"{group}-g{g}" for g in range(size)]
+
+
+def group_of(episode_id: str) -> str:
+    """The group an episode id belongs to: `s3-i1-g5` -> `s3-i1` (see `episode_ids`)."""
+    return episode_id.rsplit("-g", 1)[0]
+
+
 @dataclass
 class Episode:
     """One rollout of the memory manager over one instance (member `group_index` of its group)."""

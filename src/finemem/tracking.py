@@ -146,6 +146,11 @@ TIMING_PREFIXES = (
     "throughput/",  # tokens per wall-clock second
     "queue/",  # batch-queue depth when the learner took a batch: how far the producer got meanwhile
     "reward_pool/",  # live counters read at log time, while the producer may already score the next batch
+    # answerer calls and request-cache hits: which reward actor scored an episode decides what its
+    # cache already held (the rewards do not depend on it)
+    "answerer/",
+    "reward_stats/answer_calls",
+    "reward_stats/answer_cache_hits",
 )
 
 

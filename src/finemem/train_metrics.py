@@ -68,5 +68,18 @@ def scored_metrics(scored: Sequence[ScoredEpisode], advantages: Sequence[Sequenc
     stat_names = sorted({k for s in scored for k in s.stats})
     for name in stat_names:
         out[f"reward_stats/{name}"] = _mean(s.stats[name] for s in scored if name in s.stats)
+    out.update(answerer_metrics(scored))
     out.update(episode_metrics([s.episode for s in scored]))
     return out
+
+
+def answerer_metrics(scored: Sequence[ScoredEpisode]) -> dict[str, float]:
+    """Answerer requests per episode, the calls actually sent, and the request cache's hit rate
+    over the batch (requests answered without a call / all requests)."""
+    requests = sum(s.stats.get("answers", 0.0) for s in scored)
+    hits = sum(s.stats.get("answer_cache_hits", 0.0) for s in scored)
+    return {
+        "answerer/requests_per_episode": requests / len(scored),
+        "answerer/calls_per_episode": (requests - hits) / len(scored),
+        "answerer/cache_hit_rate": hits / requests if requests else 0.0,
+    }
