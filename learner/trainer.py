@@ -52,7 +52,7 @@ from finemem.config import (
     validate_training,
 )
 from finemem.data.splits import load_split
-from finemem.records import Instance, ScoredEpisode
+from finemem.records import Instance, ScoredEpisode, episode_ids, group_of
 from finemem.sampler import InstanceSampler
 from finemem.tracking import RunDir, Tracker, plot_curves
 from learner.ray_env import child_env
@@ -69,6 +69,8 @@ class _Shared:
     error: BaseException | None = None
     sampler_after_batch: dict[int, dict[str, int]] = field(default_factory=dict)
     rollout_seconds: dict[int, float] = field(default_factory=dict)
+    # batch start -> the engines returned its last group: rollout_seconds minus this is the reward tail
+    generate_seconds: dict[int, float] = field(default_factory=dict)
     generated_tokens: dict[int, int] = field(default_factory=dict)
 
 
@@ -304,8 +306,10 @@ class Trainer:
                                 tokens += sum(len(st.response_ids) for st in ep.steps)
                                 ep.train_step = batch  # seeds this visit's global-question sample
                                 self.pool.submit(ep)
+                        if not futures:  # the engines returned the batch's last group
+                            sh.generate_seconds[batch] = time.perf_counter() - t0
                     for scored in self.pool.poll(timeout=0.0 if futures else 0.1):
-                        key = scored.episode.episode_id.rsplit("-g", 1)[0]
+                        key = group_of(scored.episode.episode_id)
                         groups.setdefault(key, []).append(scored)
                         if len(groups[key]) == G:
                             group = sorted(groups.pop(key), key=lambda x: x.episode.group_index)
@@ -323,8 +327,7 @@ class Trainer:
         """`run_group` of one group on the engine in `slot`; the ref is filed with its group and engine."""
         G = self.cfg.rollout.group_size
         engine = self.engines[slot]
-        ids = [f"{key}-g{g}" for g in range(G)]
-        futures[engine.run_group.remote(instance, G, ids, self._sampling())] = (key, slot, engine)
+        futures[engine.run_group.remote(instance, G, episode_ids(key, G), self._sampling())] = (key, slot, engine)
 
     def _put(self, batch: int, pos: int, group: list[ScoredEpisode]) -> None:
         from ray.util.queue import Full
@@ -413,6 +416,7 @@ class Trainer:
                     "time/train_s": train_s,
                     "time/weight_sync_s": sync_s,
                     "time/rollout_batch_s": self.shared.rollout_seconds.get(step, 0.0),
+                    "time/generate_batch_s": self.shared.generate_seconds.get(step, 0.0),
                     "throughput/gen_tokens_per_s": self.shared.generated_tokens.get(step, 0)
                     / max(1e-9, self.shared.rollout_seconds.get(step, 0.0)),
                     "policy_version": version + 1,
