@@ -62,10 +62,10 @@ ABLATION_OUT ?= runs/ablation
 ablation: install
 	$(RUN_ENV) $(BIN)/python -m finemem ablation --out $(ABLATION_OUT) $(ARGS)
 
+# Every benchmark in bench/, then one table of their ratios, targets and commands (bench/summary.py);
+# ARGS="--only answerer_calls,pipeline" for some of them.
 bench: install
-	$(RUN_ENV) $(BIN)/python bench/reward_pool.py
-	$(RUN_ENV) $(BIN)/python bench/rollout.py
-	$(RUN_ENV) $(BIN)/python bench/learner_prefix.py
+	$(RUN_ENV) $(BIN)/python bench/summary.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src rollout reward learner tests bench
