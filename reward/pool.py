@@ -5,8 +5,9 @@ the driver), and results come back in completion order, so a slow episode never 
 others (no lock-step batches). Each actor answers through its own request cache
 (`reward.answer_cache`), so the rollouts of one group go to one actor where they can: a free actor
 takes the oldest episode of a group it already scores, else of a group nobody scores yet, and only
-then one of another actor's groups (no actor idles while episodes wait). An actor that dies (`RayActorError`) is replaced by a fresh one and
-its episode goes to the front of the backlog: nothing is lost and nothing is scored twice.
+then one of another actor's groups (no actor idles while episodes wait). An actor that dies
+(`RayActorError`) is replaced by a fresh one and its episode goes to the front of the backlog:
+nothing is lost and nothing is scored twice.
 An episode whose scoring raises (e.g. `AnswererUnavailable` once the answerer's retries are
 spent) is reported as `EpisodeScoringError` naming the episode, with the original exception (not
 Ray's wrapper) in `.cause`; the pool itself stays usable. An answerer endpoint that is down is

@@ -35,3 +35,13 @@ def test_scored_metrics_per_step_and_components():
     assert m["qa/global_accuracy"] == pytest.approx(0.75)
     assert m["reward/return_mean"] == pytest.approx(5.5)
     assert m["memory/final_tokens"] == 7
+
+
+def test_answerer_calls_and_cache_hit_rate_over_the_batch():
+    ep = _episode([[OpResult("insert", True)]])
+    stats = [{"answers": 30.0, "answer_cache_hits": 10.0}, {"answers": 10.0, "answer_cache_hits": 10.0}]
+    scored = [ScoredEpisode(ep, rewards=[1.0], components={}, evidence=[], global_score=0.0, stats=s) for s in stats]
+    m = scored_metrics(scored)
+    assert m["answerer/requests_per_episode"] == pytest.approx(20.0)
+    assert m["answerer/calls_per_episode"] == pytest.approx(10.0)
+    assert m["answerer/cache_hit_rate"] == pytest.approx(0.5)  # 20 of 40 requests, not the mean of 1/3 and 1
