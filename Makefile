@@ -19,7 +19,7 @@ help:
 	@echo "make ablation    the reward ablation (4 presets x 3 seeds) on CPU: table, curves, verdict"
 	@echo "make test        set up and run the whole test suite"
 	@echo "make test-fast   only the pure (no Ray/vLLM/DeepSpeed) tests"
-	@echo "make bench       run the benchmarks in bench/"
+	@echo "make bench       run every benchmark in bench/, then one table of ratios and targets"
 	@echo "make train-8gpu  Qwen3-4B Fine-Mem on one 8-GPU node (see README): install-gpu, ray-head, run"
 	@echo "make submit      the same job through 'ray job submit' to RAY_ADDRESS (PRESET=..., ARGS=...)"
 	@echo "make gpu-check   everything that needs CUDA, on one GPU, in under 8 minutes (summary table)"

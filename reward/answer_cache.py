@@ -62,7 +62,7 @@ def _count(key: str) -> None:
 
 def request_key(kind: str, messages: list[dict[str, str]], settings: tuple) -> bytes:
     """One request's identity: a 128-bit digest of the call kind, the exact chat messages and the
-    generation settings (a digest, not the prompt: 100k entries stay a few MB)."""
+    generation settings (a digest, not the prompt: 100k entries of short answers stay in tens of MB)."""
     text = json.dumps([kind, messages, list(settings)], ensure_ascii=False, separators=(",", ":"))
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
