@@ -58,8 +58,8 @@ def policy_episodes(cfg, model: str, groups: list[list]) -> list[list]:
 
 def teacher_episodes(cfg, groups: list[list]) -> list[list]:
     """Per batch, G noisy-teacher rollouts of each instance (the warm start's teacher, one rng each)."""
-    from finemem.records import Episode, StepSample, episode_ids
-    from finemem.teacher import TeacherNoise, run_teacher_episode
+    from finemem.records import episode_ids
+    from finemem.teacher import TeacherNoise, teacher_episode
 
     noise = TeacherNoise.from_sft(cfg.sft)
     G = int(cfg.rollout.group_size)
@@ -68,9 +68,7 @@ def teacher_episodes(cfg, groups: list[list]) -> list[list]:
         batch = []
         for pos, inst in enumerate(instances):
             for g, eid in enumerate(episode_ids(f"s{step}-i{pos}", G)):
-                steps = run_teacher_episode(inst, noise, random.Random(f"{cfg.run.seed}-{eid}"))
-                samples = [StepSample(s.step, [], [], [], "", s.results, s.memory_after) for s in steps]
-                batch.append(Episode(eid, inst, g, samples))
+                batch.append(teacher_episode(inst, noise, random.Random(f"{cfg.run.seed}-{eid}"), eid, g))
         batches.append(batch)
     return batches
 
@@ -85,12 +83,12 @@ def distinct_memories(batches: list[list]) -> list[float]:
     seen: dict[tuple[str, int], set] = defaultdict(set)
     for batch in batches:
         for ep in batch:
-            group = group_of(ep.episode_id)
             for s in ep.steps:
-                seen[(group, s.step)].add(frozenset(m.content for m in s.memory))
-    steps = sorted({t for _, t in seen})
-    return [sum(len(v) for (g, t), v in seen.items() if t == step) / sum(1 for _, t in seen if t == step)
-            for step in steps]
+                seen[(group_of(ep.episode_id), s.step)].add(frozenset(m.content for m in s.memory))
+    per_step: dict[int, list[int]] = defaultdict(list)
+    for (_, step), memories in seen.items():
+        per_step[step].append(len(memories))
+    return [sum(counts) / len(counts) for _, counts in sorted(per_step.items())]
 
 
 def score_pass(cfg, batches: list[list], cache: bool, tokenizer_path: str | None) -> tuple[dict, dict]:

@@ -12,8 +12,8 @@ import pytest
 
 from finemem.config import ConfigError, load_config
 from finemem.data.synth import generate_instances
-from finemem.records import Episode, MemoryItem, StepSample, episode_ids, group_of
-from finemem.teacher import TeacherNoise, run_teacher_episode
+from finemem.records import Episode, MemoryItem, episode_ids, group_of
+from finemem.teacher import TeacherNoise, teacher_episode
 from reward.answer_cache import CachedAnswerer, count_requests, with_cache
 from reward.answerers import AnswererError, EvidenceReader, OpenAIChatAnswerer
 from reward.pool import pick_episode
@@ -148,9 +148,7 @@ def group_episodes(instances: int, group_size: int, seed: int = 5) -> list[Episo
     out = []
     for i, inst in enumerate(generate_instances(instances, seed)):
         for g, eid in enumerate(episode_ids(f"s1-i{i}", group_size)):
-            steps = run_teacher_episode(inst, noise, random.Random(100 * i + g % 3))
-            samples = [StepSample(s.step, [], [], [], "", s.results, s.memory_after) for s in steps]
-            out.append(Episode(eid, inst, g, samples, train_step=1))
+            out.append(teacher_episode(inst, noise, random.Random(100 * i + g % 3), eid, g, train_step=1))
     return out
 
 

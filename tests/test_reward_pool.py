@@ -12,8 +12,8 @@ import pytest
 
 from finemem.config import load_config
 from finemem.data.synth import generate_instances
-from finemem.records import Episode, StepSample, episode_ids
-from finemem.teacher import TeacherNoise, run_teacher_episode
+from finemem.records import Episode, episode_ids
+from finemem.teacher import TeacherNoise, teacher_episode
 from reward.answerers import EvidenceReader
 from reward.scorer import score_episode
 
@@ -24,9 +24,7 @@ def teacher_episodes(n: int, seed: int = 3) -> list[Episode]:
     out = []
     for i, inst in enumerate(generate_instances((n + 1) // 2, seed)):
         for g in range(2):
-            steps = run_teacher_episode(inst, noise, random.Random(1000 * i + g))
-            samples = [StepSample(s.step, [], [], [], "", s.results, s.memory_after) for s in steps]
-            out.append(Episode(f"{inst.instance_id}/{g}", inst, g, samples))
+            out.append(teacher_episode(inst, noise, random.Random(1000 * i + g), f"{inst.instance_id}/{g}", g))
     return out[:n]
 
 
@@ -145,9 +143,8 @@ def test_groups_stay_on_one_actor_and_each_request_is_sent_once(ray_local):
     cfg = load_config([])
     episodes = []
     for i, inst in enumerate(generate_instances(2, 8)):
-        steps = run_teacher_episode(inst, TeacherNoise(), random.Random(i))
-        samples = [StepSample(s.step, [], [], [], "", s.results, s.memory_after) for s in steps]
-        episodes += [Episode(eid, inst, g, samples) for g, eid in enumerate(episode_ids(f"s1-i{i}", 4))]
+        episodes += [teacher_episode(inst, TeacherNoise(), random.Random(i), eid, g)
+                     for g, eid in enumerate(episode_ids(f"s1-i{i}", 4))]
     expected = {e.episode_id: score_episode(e, cfg, EvidenceReader()) for e in episodes}
     p = RewardPool(cfg, num_actors=2)
     try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from finemem.data.synth import fact_prefix, fact_sentence
 from finemem.memory import FlatMemory
-from finemem.records import Instance, MemoryItem, OpResult, ToolCall
+from finemem.records import Episode, Instance, MemoryItem, OpResult, StepSample, ToolCall
 
 
 @dataclass
@@ -143,3 +143,12 @@ def run_teacher_episode(instance: Instance, noise: TeacherNoise, rng: random.Ran
         results = memory.apply_all(to_tool_calls(calls), step)
         steps.append(TeacherStep(step, before, next_id, calls, results, memory.snapshot()))
     return steps
+
+
+def teacher_episode(instance: Instance, noise: TeacherNoise, rng: random.Random, episode_id: str,
+                    group_index: int = 0, train_step: int = 0) -> Episode:
+    """`run_teacher_episode` as a scorable Episode: each step's ops and memory, no token payloads
+    (what the reward scorer reads; tests and benchmarks score teacher rollouts with it)."""
+    steps = [StepSample(s.step, [], [], [], "", s.results, s.memory_after)
+             for s in run_teacher_episode(instance, noise, rng)]
+    return Episode(episode_id, instance, group_index, steps, train_step=train_step)
