@@ -175,10 +175,9 @@ def make_reward(cfg: Any, tokenizer: Any, eos_ids: list[int], group_size: int, t
     from finemem.memory import make_memory
     from finemem.prompts import make_token_counter
     from finemem.records import Episode, Instance, StepSample
-    from finemem.toolcalls import parse_tool_calls
     from reward.answerers import EvidenceReader
     from reward.scorer import score_episode
-    from rollout.episode import ResponseDecoder, truncated_ops
+    from rollout.episode import ResponseDecoder, apply_response
 
     decode, count = ResponseDecoder(tokenizer), make_token_counter(tokenizer)
 
@@ -187,12 +186,9 @@ def make_reward(cfg: Any, tokenizer: Any, eos_ids: list[int], group_size: int, t
         for n, (ids, raw) in enumerate(zip(completion_ids, instance)):
             stopped = bool(ids) and ids[-1] in eos_ids  # as rollout.episode: a cut response's tail is invalid
             text = decode(ids)
-            calls = parse_tool_calls(text)
             memory = make_memory(str(cfg.memory.kind), core_max_tokens=int(cfg.memory.core_max_tokens),
                                  count_tokens=count)
-            ops = memory.apply_all(calls, 1) if calls or stopped else []
-            if not stopped:
-                ops = truncated_ops(calls, ops)
+            ops = apply_response(memory, text, 1, stopped)
             step = StepSample(step=1, prompt_ids=[], response_ids=list(ids), logprobs=[], response_text=text,
                               ops=ops, memory=memory.snapshot(), finish_reason="stop" if stopped else "length",
                               memory_tokens=memory.token_length(count))

@@ -31,7 +31,7 @@ def eval_reward_config(cfg):
 
 def summarize_eval(scored: Sequence, wall_s: float) -> dict[str, Any]:
     from finemem.scoring import summarize_scores
-    from finemem.train_metrics import op_mix
+    from finemem.train_metrics import invalid_reasons, op_mix
 
     episodes = [s.episode for s in scored]
     per_item = [{"data_source": s.episode.instance.data_source, "competency": s.episode.instance.competency,
@@ -45,6 +45,7 @@ def summarize_eval(scored: Sequence, wall_s: float) -> dict[str, Any]:
         "memory_items": fmean(len(ep.steps[-1].memory) for ep in episodes if ep.steps) if episodes else 0.0,
         "valid_call_rate": mix["ops/valid_call_rate"],
         "op_mix": {k.split("/", 1)[1]: v for k, v in mix.items() if k != "ops/valid_call_rate"},
+        "invalid_reasons": invalid_reasons(episodes),
         "per_source": by.get("per_source", {}),
         "per_competency": by.get("per_competency", {}),
         "wall_s": wall_s,

@@ -616,6 +616,9 @@ def cli(argv: list[str]) -> int:
         )
         kinds = ("insert", "update", "delete", "skip", "invalid")
         print("ops per step: " + ", ".join(f"{k} {result[f'eval_ops_per_step/{k}']:.2f}" for k in kinds))
+        refused = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("eval_invalid/")}
+        if refused:
+            print("invalid ops (share of all ops): " + ", ".join(f"{k} {v:.3f}" for k, v in refused.items()))
         print(f"valid-call rate: {result['eval_valid_call_rate']:.4f}")
     return 0
 
@@ -646,4 +649,7 @@ def _evaluate_warm_start(model, tokenizer, builder, noise, cfg, result: dict[str
     )
     for kind in ("insert", "update", "delete", "skip", "invalid"):
         result[f"eval_ops_per_step/{kind}"] = summary[f"ops_per_step/{kind}"]
+    for key, share in summary.items():
+        if key.startswith("invalid/"):
+            result[f"eval_{key}"] = share
     return episodes

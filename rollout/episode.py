@@ -31,14 +31,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from finemem.memory import make_memory
+from finemem.memory import TRUNCATED_REASON, make_memory
 from finemem.records import Episode, Instance, OpResult, StepSample
 from finemem.toolcalls import parse_tool_calls
 from rollout.types import Generation, SamplingSpec
 
 GenerateFn = Callable[[list[int], SamplingSpec], Awaitable[Generation]]
 
-TRUNCATED_REASON = "response hit the token limit"
 FINISH_PROMPT_TOO_LONG = "prompt_too_long"
 # Tokens the tool-call parser reads; kept when special tokens are dropped from a response.
 PARSER_MARKERS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
@@ -79,6 +78,18 @@ def truncated_ops(calls: list, ops: list[OpResult]) -> list[OpResult]:
     if calls[-1].error:
         return ops
     return ops + [OpResult("invalid", False, TRUNCATED_REASON)]
+
+
+def apply_response(memory, text: str, step: int, stopped: bool) -> list[OpResult]:
+    """Parse a decoded response and apply its calls to `memory` at `step`: the ops of the step.
+
+    A response that did not stop on its own (`stopped` False: cut by the token limit or aborted)
+    keeps its complete calls and adds an invalid op for the cut tail (`truncated_ops`); one with no
+    call at all is a SKIP only when it stopped.
+    """
+    calls = parse_tool_calls(text)
+    ops = memory.apply_all(calls, step) if calls or stopped else []
+    return ops if stopped else truncated_ops(calls, ops)
 
 
 class EpisodeRunner:
@@ -196,10 +207,7 @@ class EpisodeRunner:
         t2 = time.perf_counter()
 
         text = self.decode(gen.token_ids)
-        calls = parse_tool_calls(text)
-        ops = memory.apply_all(calls, t) if calls or gen.finish_reason == "stop" else []
-        if gen.finish_reason != "stop":  # "length" or "abort": the tail was cut
-            ops = truncated_ops(calls, ops)
+        ops = apply_response(memory, text, t, stopped=gen.finish_reason == "stop")  # else "length" or "abort"
         t3 = time.perf_counter()
         timings.update(generate_s=t2 - t1, apply_s=t3 - t2)
         return StepSample(

@@ -5,6 +5,8 @@ Definitions (one place, so every command reports the same numbers):
   a truncated response adds one invalid op, see `rollout.episode`).
 - ops_per_step/<kind>: mean count per step of each op kind (insert, update, delete, skip, invalid),
   counting attempted ops whether valid or not.
+- invalid/<kind>: refused ops of each kind (`finemem.memory.refusal_kind`) per op, so that the
+  invalid share splits into its causes (duplicate, unknown_id, unparsable, truncated, ...).
 - memory_tokens_final: mean over episodes of the final memory's token length.
 - gen_tokens_per_s: generated (response) tokens / wall seconds of the batch.
 """
@@ -15,6 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from finemem.records import Episode
+from finemem.train_metrics import invalid_reasons
 
 OP_KINDS = ("insert", "update", "delete", "skip", "invalid")
 
@@ -46,6 +49,8 @@ def summarize_episodes(episodes: Sequence[Episode], wall_seconds: float | None =
     }
     for kind in OP_KINDS:
         out[f"ops_per_step/{kind}"] = (kinds.get(kind, 0) / n_steps) if n_steps else 0.0
+    for kind, count in invalid_reasons(episodes).items():
+        out[f"invalid/{kind}"] = count / len(ops)
     for reason, count in sorted(finish.items()):
         out[f"finish/{reason}"] = count / n_steps
     for key in ("prompt_s", "generate_s", "apply_s"):

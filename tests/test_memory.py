@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finemem.memory import FlatMemory, MemAlphaMemory, make_memory, word_count
+from finemem.memory import TRUNCATED_REASON, FlatMemory, MemAlphaMemory, make_memory, refusal_kind, word_count
 from finemem.records import MemoryItem, ToolCall
 
 
@@ -398,3 +398,26 @@ def _restore_memalpha(m: MemAlphaMemory) -> MemAlphaMemory:
 @given(st.lists(st.lists(memalpha_calls(), max_size=4), min_size=1, max_size=6))
 def test_memalpha_random_sequences_keep_invariants(steps):
     _check_run(lambda: MemAlphaMemory(core_max_tokens=4), _restore_memalpha, steps)
+
+
+def test_refusal_kind_names_every_refusal_of_the_flat_memory():
+    """Each way the flat memory refuses a call maps to its own kind (what eval files count)."""
+    m = FlatMemory()
+    ok = m.apply(ToolCall("memory_insert", {"content": "Ann's city is Rome."}), 1)
+    assert ok.valid
+    cases = {
+        "duplicate": ToolCall("memory_insert", {"content": "Ann's city is Rome."}),
+        "unknown_id": ToolCall("memory_update", {"memory_id": "m7", "new_content": "x"}),
+        "malformed_id": ToolCall("memory_update", {"memory_id": "mm1", "new_content": "x"}),
+        "missing_argument": ToolCall("memory_update", {"memory_id": "m1"}),
+        "bad_argument": ToolCall("memory_insert", {"content": 3}),
+        "unchanged_update": ToolCall("memory_update", {"memory_id": "m1", "new_content": "Ann's city is Rome."}),
+        "unknown_tool": ToolCall("memory_rename", {"memory_id": "m1"}),
+        "unparsable": ToolCall("", {}, raw="{oops", error="bad JSON"),
+    }
+    for kind, call in cases.items():
+        op = m.apply(call, 2)
+        assert not op.valid
+        assert refusal_kind(op.reason) == kind, (kind, op.reason)
+    assert refusal_kind(TRUNCATED_REASON) == "truncated"
+    assert refusal_kind("core memory is already empty") == "other"

@@ -3,7 +3,7 @@
 import pytest
 
 from finemem.records import Episode, Instance, MemoryItem, OpResult, QAPair, ScoredEpisode, StepSample
-from finemem.train_metrics import op_mix, scored_metrics
+from finemem.train_metrics import invalid_reasons, op_mix, scored_metrics
 
 
 def _episode(ops_per_step, memory_tokens=7):
@@ -21,6 +21,18 @@ def test_op_mix_counts_invalid_and_skip():
     assert mix["ops/invalid"] == pytest.approx(1 / 3)
     assert mix["ops/skip"] == pytest.approx(1 / 3)
     assert mix["ops/valid_call_rate"] == pytest.approx(2 / 3)
+
+
+def test_invalid_reasons_counts_refusals_by_kind_largest_first():
+    ep = _episode([
+        [OpResult("insert", True), OpResult("insert", False, "exact duplicate of live item m1", "m1")],
+        [OpResult("update", False, "unknown memory_id m9", "m9"), OpResult("insert", False, "exact duplicate of live item m2")],
+        [OpResult("invalid", False, "response hit the token limit")],
+    ])
+    counts = invalid_reasons([ep])
+    assert counts == {"duplicate": 2, "unknown_id": 1, "truncated": 1}
+    assert list(counts) == ["duplicate", "unknown_id", "truncated"]
+    assert invalid_reasons([_episode([[OpResult("skip", True)]])]) == {}
 
 
 def test_scored_metrics_per_step_and_components():

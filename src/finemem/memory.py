@@ -34,6 +34,34 @@ MEMALPHA_STORES = ("core", "semantic", "episodic")
 _STORE_PREFIX = {"semantic": "s", "episodic": "e"}
 
 
+# The reason of the invalid op a rollout adds for a response cut by the token limit (`rollout.episode`).
+TRUNCATED_REASON = "response hit the token limit"
+
+# Refusal reason (its start, as written by the memories here and `rollout.episode`) -> a short kind,
+# first match wins. Kinds group what a warm start or a reward has to fix: bad syntax, wrong
+# arguments, ids that are not in the memory, duplicates, cut responses.
+_REFUSAL_KINDS = (
+    ("unparsable call", "unparsable"),
+    ("unknown tool", "unknown_tool"),
+    ("arguments must be", "unparsable"),
+    ("missing argument", "missing_argument"),
+    ("argument '", "bad_argument"),
+    ("malformed memory_id", "malformed_id"),
+    ("unknown memory_id", "unknown_id"),
+    ("exact duplicate", "duplicate"),
+    ("new_content is identical", "unchanged_update"),
+    (TRUNCATED_REASON, "truncated"),
+)
+
+
+def refusal_kind(reason: str) -> str:
+    """The kind of a refused op's `reason` (see `_REFUSAL_KINDS`); "other" for any other reason."""
+    for start, kind in _REFUSAL_KINDS:
+        if reason.startswith(start):
+            return kind
+    return "other"
+
+
 def word_count(text: str) -> int:
     """Default token counter when no tokenizer is at hand: whitespace-separated words."""
     return len(text.split())

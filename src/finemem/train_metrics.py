@@ -34,6 +34,15 @@ def op_mix(episodes: Sequence) -> dict[str, float]:
     return out
 
 
+def invalid_reasons(episodes: Sequence) -> dict[str, int]:
+    """Count of refused ops by kind (`finemem.memory.refusal_kind`: duplicate, unknown_id, unparsable,
+    truncated, ...), largest first: what the valid-call rate alone does not say."""
+    from finemem.memory import refusal_kind
+
+    counts = Counter(refusal_kind(op.reason) for ep in episodes for s in ep.steps for op in s.ops if not op.valid)
+    return dict(counts.most_common())
+
+
 def episode_metrics(episodes: Sequence) -> dict[str, float]:
     """Metrics that need only episodes (rollout side): op mix, memory tokens, generation lengths."""
     out = op_mix(episodes)
