@@ -3,7 +3,7 @@
 import pytest
 
 from finemem.records import Episode, Instance, MemoryItem, OpResult, QAPair, ScoredEpisode, StepSample
-from finemem.train_metrics import invalid_reasons, op_mix, scored_metrics
+from finemem.train_metrics import episode_metrics, invalid_reasons, op_mix, scored_metrics
 
 
 def _episode(ops_per_step, memory_tokens=7):
@@ -33,6 +33,8 @@ def test_invalid_reasons_counts_refusals_by_kind_largest_first():
     assert counts == {"duplicate": 2, "unknown_id": 1, "truncated": 1}
     assert list(counts) == ["duplicate", "unknown_id", "truncated"]
     assert invalid_reasons([_episode([[OpResult("skip", True)]])]) == {}
+    m = episode_metrics([ep])
+    assert m["ops_invalid/duplicate"] == pytest.approx(2 / 5) and m["ops_invalid/truncated"] == pytest.approx(1 / 5)
 
 
 def test_scored_metrics_per_step_and_components():

@@ -46,6 +46,9 @@ def invalid_reasons(episodes: Sequence) -> dict[str, int]:
 def episode_metrics(episodes: Sequence) -> dict[str, float]:
     """Metrics that need only episodes (rollout side): op mix, memory tokens, generation lengths."""
     out = op_mix(episodes)
+    n_ops = sum(len(s.ops) for ep in episodes for s in ep.steps)
+    for kind, count in invalid_reasons(episodes).items():  # the invalid share split by cause
+        out[f"ops_invalid/{kind}"] = count / n_ops
     out["memory/final_tokens"] = _mean(ep.steps[-1].memory_tokens for ep in episodes if ep.steps)
     out["memory/final_items"] = _mean(len(ep.steps[-1].memory) for ep in episodes if ep.steps)
     out["rollout/response_tokens"] = _mean(len(s.response_ids) for ep in episodes for s in ep.steps)
