@@ -186,7 +186,7 @@ class _Answering:
 
 
 def run_stats(cfg, label: str, built: Sequence[BuiltMemory]) -> RunStats:
-    from finemem.train_metrics import op_mix
+    from finemem.train_metrics import invalid_reasons, op_mix
     from rollout.episode import FINISH_PROMPT_TOO_LONG
 
     episodes = [b.episode for b in built if b.episode is not None]
@@ -199,6 +199,7 @@ def run_stats(cfg, label: str, built: Sequence[BuiltMemory]) -> RunStats:
         steps=sum(len(ep.steps) for ep in episodes),
         steps_not_prompted=sum(s.finish_reason == FINISH_PROMPT_TOO_LONG for ep in episodes for s in ep.steps),
         valid_call_rate=op_mix(episodes)["ops/valid_call_rate"] if episodes else None,
+        invalid_reasons=invalid_reasons(episodes),
         manager_calls=sum(b.manager_calls for b in built),
     )
 

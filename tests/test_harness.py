@@ -198,6 +198,7 @@ def test_no_model_managers_end_to_end(tmp_path, synth_file, manager, capsys):
     assert row["per_source"]["synthetic"] == pytest.approx(row["SubEM"])  # synthetic is scored by SubEM
     if manager == "teacher":  # the ideal teacher keeps every asked fact: the evidence reader finds them
         assert row["steps"] > 0 and row["steps_not_prompted"] == 0 and row["valid_call_rate"] == 1.0
+        assert row["invalid_reasons"] == {}
         assert row["SubEM"] > 90
     assert doc["agent_config"]["manager"] == manager
     assert "overall score:" in capsys.readouterr().out

@@ -73,6 +73,7 @@ class RunStats:
     steps: int = 0  # manager steps (0 for rag / long_context)
     steps_not_prompted: int = 0  # steps whose prompt did not fit the manager's context
     valid_call_rate: float | None = None
+    invalid_reasons: dict[str, int] = field(default_factory=dict)  # refused calls by kind (managers with calls)
     manager_calls: int = 0
     answerer_calls: int = 0
     answers_not_prompted: int = 0  # questions whose answer prompt did not fit the answerer's context
@@ -158,6 +159,7 @@ def table_row(stats: RunStats, questions: Sequence[QuestionResult], averaged: di
         "steps_not_prompted": stats.steps_not_prompted,
         "answers_not_prompted": stats.answers_not_prompted,
         "valid_call_rate": stats.valid_call_rate,
+        "invalid_reasons": stats.invalid_reasons,
     }
 
 
