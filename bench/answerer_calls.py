@@ -21,14 +21,8 @@ The last line is `ratio: <calls without the cache / calls with it>` (target >= 2
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
 from pathlib import Path
-
-# `python bench/answerer_calls.py` puts bench/ first on sys.path: keep it from shadowing packages.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 
 def policy_episodes(cfg, model: str, groups: list[list]) -> list[list]:

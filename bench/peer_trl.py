@@ -44,11 +44,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-# `python bench/peer_trl.py` puts bench/ first on sys.path, where bench/rollout.py would shadow the
-# `rollout` package: drop it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 REPO = Path(__file__).resolve().parents[1]
 TRL_VERSION = "1.16.0"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}

@@ -43,11 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# `python bench/pipeline.py` puts bench/ first on sys.path, where bench/rollout.py would shadow the
-# `rollout` package (here and, through Ray's driver path, in every actor): take it off.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 ROLES = ("learner", "engine", "reward", "driver")
 
 

@@ -23,11 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# `python bench/summary.py` puts bench/ first on sys.path, where bench/rollout.py would shadow the
-# `rollout` package (the warm start imports it): drop it (the project is installed in the venv).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 MODEL = "artifacts/sft-model"
 
 
@@ -46,7 +41,7 @@ class Bench:
 
 
 BENCHES = (
-    Bench("rollout", ("bench/rollout.py", "--model", MODEL), ">= 0.8",
+    Bench("episode_runner", ("bench/episode_runner.py", "--model", MODEL), ">= 0.8",
           "episode runner tok/s / raw vLLM engine tok/s"),
     Bench("reward_pool", ("bench/reward_pool.py",), "> 1 (1.9 idle)",
           "episodes/s with 2 reward actors / with 1"),

@@ -46,6 +46,6 @@ def test_every_benchmark_script_exists_and_unknown_names_are_refused():
     summary = load_summary()
     for bench in summary.BENCHES:
         assert (ROOT / bench.args[0]).is_file(), bench.args[0]
-    out = subprocess.run([sys.executable, "bench/summary.py", "--only", "rollout,warp"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "bench/summary.py", "--only", "episode_runner,warp"], cwd=ROOT,
                          capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "unknown benchmark(s) warp" in out.stderr

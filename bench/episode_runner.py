@@ -14,7 +14,7 @@ upper bound no episode runner can reach since step t+1's prompt needs step t's r
 
 The last line printed is `ratio: <runner tok/s / raw tok/s>` (target >= 0.8).
 
-    flock /tmp/finemem-heavy.lock .venv/bin/python bench/rollout.py [--model DIR] [--instances 8]
+    flock /tmp/finemem-heavy.lock .venv/bin/python bench/episode_runner.py [--model DIR] [--instances 8]
 
 --model defaults to model.path; when that folder has no model, a random-init tiny policy is built
 in a temporary folder (it rambles to the token limit, which is a harder case for nothing: prefer a
@@ -24,15 +24,8 @@ warm-started policy).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-
-# `python bench/rollout.py` puts bench/ first on sys.path, where this file would shadow the
-# `rollout` package: drop it (the project itself is installed in the venv).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 
 def main() -> int:
