@@ -235,6 +235,7 @@ def cli(argv: list[str]) -> int:
     """`finemem ablation [--presets a,b,...] [--seeds N] [--out DIR] [key=value ...]`."""
     from finemem.cli import parse_command
     from finemem.config import ConfigError, load_config
+    from finemem.model_init import model_folder_problem
     from learner.prepare import prepare_data, prepare_warm_start, stage
 
     parser = argparse.ArgumentParser(prog="finemem ablation", description=cli.__doc__)
@@ -268,8 +269,9 @@ def cli(argv: list[str]) -> int:
     t_all = time.perf_counter()
     if args.warm_start:
         sft_model = Path(args.warm_start)
-        if not (sft_model / "config.json").is_file():
-            raise ConfigError(f"--warm-start {sft_model}: no model there (config.json missing)")
+        problem = model_folder_problem(sft_model)
+        if problem:
+            raise ConfigError(f"finemem ablation --warm-start: {problem}")
         prepare_data(cfg, "1/4 synthetic data (models: --warm-start)")
     else:
         sft_model = prepare_warm_start(cfg, art, config_args, numbered=(1, 4)).sft_model

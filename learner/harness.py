@@ -232,10 +232,14 @@ def run_eval(cfg, out_dir: str | None = None, label: str | None = None) -> dict[
     stats.answerer_calls, stats.answers_not_prompted = answering.calls, answering.not_prompted
     stats.manager_s, stats.answer_s, stats.wall_s = manager_s, answer_s, time.perf_counter() - t_start
     answerer = cfg.reward.answerer
+    # "temperature" is the answerer's, as in MemoryAgentBench's files; a sampling manager's own
+    # temperature is "manager_temperature" (None where no model writes the memory)
+    manager_temperature = {"policy": cfg.eval.temperature, "openai": cfg.eval.endpoint.temperature}.get(manager)
     agent_config = {
         "agent_name": f"finemem_{manager}", "manager": manager, "label": label, "model": stats.model,
         "answerer": "evidence reader" if str(answerer.kind) == "evidence" else str(answerer.model),
         "temperature": float(answerer.temperature), "retrieval_top_k": int(cfg.retrieval.top_k),
+        "manager_temperature": None if manager_temperature is None else float(manager_temperature),
         "samples_per_instance": samples,
     }
     chunk_sizes = sorted({int(i.metadata.get("chunk_tokens") or cfg.data.chunk_tokens) for i in instances})

@@ -23,11 +23,11 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from finemem.config import ConfigError
 from finemem.memory import make_memory, word_count
+from finemem.model_init import model_folder_problem
 from finemem.records import Episode, Instance, MemoryItem, OpResult, StepSample
 
 EVIDENCE_BM25 = "bm25"  # the answerer reads the top-k items for the question
@@ -229,13 +229,9 @@ def build_openai(instances: Sequence[Instance], cfg, samples: int, client: Any =
 
 def check_model_folder(path: str) -> None:
     """A manager that runs a local model needs a Hugging Face folder (config.json, tokenizer, weights)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ConfigError(f"eval.manager=policy needs a model folder: pass --model DIR (model.path={path}: "
-                          "no such folder)")
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"eval.manager=policy needs a model folder: {path} has no config.json (a Hugging Face "
-                          "folder written by `finemem model init`, `finemem sft` or a checkpoint export)")
+    problem = model_folder_problem(path)
+    if problem:
+        raise ConfigError(f"eval.manager=policy needs a model folder (--model DIR or model.path): {problem}")
 
 
 def build_policy(instances: Sequence[Instance], cfg, samples: int) -> list[BuiltMemory]:

@@ -44,6 +44,11 @@ def prepare_data(cfg, title: str) -> tuple[Path, Path]:
         write_jsonl(generate_instances(cfg.data.synth_train_instances, cfg.data.synth_train_seed, cfg.data), train_path)
     if not eval_path.is_file():
         write_jsonl(generate_instances(cfg.data.synth_eval_instances, cfg.data.synth_eval_seed, cfg.data), eval_path)
+    for path, want in ((train_path, cfg.data.synth_train_instances), (eval_path, cfg.data.synth_eval_instances)):
+        with open(path, encoding="utf-8") as f:
+            have = sum(1 for line in f if line.strip())
+        if have != want:  # kept from an earlier run or preset: say so, never overwrite a user's file
+            print(f"NOTE: {path} holds {have} instances, the config asks {want}; delete it to regenerate")
     print(f"train {train_path} (seed {cfg.data.synth_train_seed}), held-out {eval_path} "
           f"(seed {cfg.data.synth_eval_seed})")
     return train_path, eval_path

@@ -510,6 +510,7 @@ def cli(argv: list[str]) -> int:
     """`finemem sft --model DIR --out DIR [key=value ...]`: warm start on noisy-teacher traces."""
     from finemem.cli import parse_command
     from finemem.config import load_config, save_config, to_container
+    from finemem.model_init import model_folder_problem
 
     parser = argparse.ArgumentParser(prog="finemem sft", description=cli.__doc__)
     parser.add_argument("--model", default=None, help="input Hugging Face folder (default: model.path)")
@@ -518,11 +519,9 @@ def cli(argv: list[str]) -> int:
     args, overrides = parse_command(parser, argv)
     cfg = load_config(overrides)
     model_dir = Path(args.model or cfg.model.path)
-    if not (model_dir / "config.json").is_file():
-        print(
-            f"finemem sft: no model at {model_dir} (config.json missing); build one with "
-            "`finemem model init --out DIR`"
-        )
+    problem = model_folder_problem(model_dir)
+    if problem:
+        print(f"finemem sft --model: {problem}")
         return 2
 
     import torch

@@ -67,6 +67,7 @@ def cli(argv: list[str]) -> int:
     """`finemem rollout --model DIR --data PATH --episodes N --out FILE.jsonl`: run and write episodes."""
     from finemem.cli import parse_command
     from finemem.config import load_config
+    from finemem.model_init import model_folder_problem
 
     parser = argparse.ArgumentParser(prog="finemem rollout", description=cli.__doc__)
     parser.add_argument("--model", default=None, help="Hugging Face model folder (default: model.path)")
@@ -82,10 +83,9 @@ def cli(argv: list[str]) -> int:
     args, overrides = parse_command(parser, argv)
     cfg = load_config(overrides)
     model = Path(args.model or cfg.model.path)
-    if not (model / "config.json").is_file():
-        print(
-            f"finemem rollout: no model at {model} (config.json missing); build one with `finemem model init`"
-        )
+    problem = model_folder_problem(model)
+    if problem:
+        print(f"finemem rollout --model: {problem}")
         return 2
     data = Path(args.data or cfg.data.eval_path)
 

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from finemem.memory import TRUNCATED_REASON, make_memory
+from finemem.memory import PROMPT_TOO_LONG_REASON, TRUNCATED_REASON, make_memory
 from finemem.records import Episode, Instance, OpResult, StepSample
 from finemem.toolcalls import parse_tool_calls
 from rollout.types import Generation, SamplingSpec
@@ -188,7 +188,7 @@ class EpisodeRunner:
 
         if self.max_model_len is not None and len(prompt_ids) + sampling.max_tokens > self.max_model_len:
             reason = (
-                f"prompt of {len(prompt_ids)} tokens (memory window {built.window}) does not fit "
+                f"{PROMPT_TOO_LONG_REASON}: {len(prompt_ids)} tokens (memory window {built.window}) > "
                 f"max_model_len {self.max_model_len} minus max_tokens {sampling.max_tokens}"
             )
             return StepSample(

@@ -13,7 +13,7 @@ import pytest
 from helpers_tokenizer import build_test_tokenizer
 
 from finemem.config import MemoryConfig
-from finemem.memory import FlatMemory
+from finemem.memory import FlatMemory, refusal_kind
 from finemem.prompts import PromptBuilder
 from finemem.records import Episode, Instance, OpResult, QAPair, StepSample
 from finemem.toolcalls import render_tool_calls
@@ -149,7 +149,8 @@ def test_prompt_that_cannot_fit_the_model_is_an_invalid_step_not_a_request(tok):
     assert engine.requests == []
     for s in ep.steps:
         assert s.finish_reason == "prompt_too_long" and s.response_ids == [] and s.logprobs == []
-        assert len(s.ops) == 1 and not s.ops[0].valid and "does not fit max_model_len" in s.ops[0].reason
+        assert len(s.ops) == 1 and not s.ops[0].valid and "max_model_len" in s.ops[0].reason
+        assert refusal_kind(s.ops[0].reason) == "prompt_too_long"
         assert s.memory == []
     ok = asyncio.run(
         make_runner(tok, engine, max_model_len=prompt_len + 64 + 20, max_tokens=64).run_episode(inst, "e")

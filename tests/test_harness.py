@@ -201,6 +201,7 @@ def test_no_model_managers_end_to_end(tmp_path, synth_file, manager, capsys):
         assert row["invalid_reasons"] == {}
         assert row["SubEM"] > 90
     assert doc["agent_config"]["manager"] == manager
+    assert doc["agent_config"]["manager_temperature"] is None  # no model writes these memories
     assert "overall score:" in capsys.readouterr().out
 
 
@@ -226,11 +227,13 @@ def test_teacher_needs_synthetic_data(tmp_path, capsys):
 
 def test_policy_without_a_model_folder_stops_before_anything_starts(tmp_path, synth_file, capsys):
     assert main(["eval", "--data", str(synth_file), "--model", str(tmp_path / "nope")]) == 2
-    assert _last_stderr_line(capsys) == (f"finemem: config error: eval.manager=policy needs a model folder: pass "
-                                         f"--model DIR (model.path={tmp_path / 'nope'}: no such folder)")
+    assert _last_stderr_line(capsys).startswith(
+        "finemem: config error: eval.manager=policy needs a model folder (--model DIR or model.path): "
+        f"{tmp_path / 'nope'}: no such folder (a model folder is written by `finemem model init --out DIR`"
+    )
     (tmp_path / "empty").mkdir()
     assert main(["eval", "--data", str(synth_file), "--model", str(tmp_path / "empty")]) == 2
-    assert "has no config.json" in _last_stderr_line(capsys)
+    assert f"{tmp_path / 'empty'}: not a Hugging Face model folder, config.json missing" in _last_stderr_line(capsys)
 
 
 def test_unknown_manager_fails_at_load():

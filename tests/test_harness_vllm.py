@@ -69,6 +69,7 @@ def test_eval_with_vllm_server_as_manager_and_answerer(tmp_path):
     assert set(doc) >= {"agent_config", "dataset_config", "data", "metrics", "time_cost", "averaged_metrics"}
     assert len(doc["data"]) == n_questions and all(list(d) == MAB_ITEM_KEYS for d in doc["data"])
     assert doc["agent_config"]["manager"] == "openai" and doc["agent_config"]["answerer"] == str(model)
+    assert doc["agent_config"]["manager_temperature"] == float(cfg.eval.endpoint.temperature)
     assert not score_file(out / "results.json").disagreeing
     (row,) = json.loads((out / "table.json").read_text())["rows"]
     assert row["answerer_calls"] == n_questions and row["steps"] == n_steps

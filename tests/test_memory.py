@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finemem.memory import TRUNCATED_REASON, FlatMemory, MemAlphaMemory, make_memory, refusal_kind, word_count
+from finemem.memory import (
+    PROMPT_TOO_LONG_REASON,
+    TRUNCATED_REASON,
+    FlatMemory,
+    MemAlphaMemory,
+    make_memory,
+    refusal_kind,
+    word_count,
+)
 from finemem.records import MemoryItem, ToolCall
 
 
@@ -420,4 +428,5 @@ def test_refusal_kind_names_every_refusal_of_the_flat_memory():
         assert not op.valid
         assert refusal_kind(op.reason) == kind, (kind, op.reason)
     assert refusal_kind(TRUNCATED_REASON) == "truncated"
+    assert refusal_kind(PROMPT_TOO_LONG_REASON + ": 2100 tokens") == "prompt_too_long"
     assert refusal_kind("core memory is already empty") == "other"

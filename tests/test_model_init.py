@@ -19,6 +19,7 @@ from finemem.model_init import (
     cli,
     corpus_texts,
     init_model,
+    model_folder_problem,
     model_or_tiny,
     param_count,
     train_tokenizer,
@@ -161,6 +162,23 @@ def test_cli_builds_a_model(tmp_path, capsys):
     assert f"parameters: {param_count(out):,}" in printed
     assert cli(args) == 1  # refuses to overwrite without --force
     assert cli(args + ["--force"]) == 0
+
+
+def test_model_folder_problem_says_what_is_missing_and_every_command_prints_it(tmp_path, capsys):
+    from learner.sft import cli as sft_cli
+    from rollout.cli import cli as rollout_main
+
+    assert model_folder_problem(tmp_path / "nope") == (
+        f"{tmp_path / 'nope'}: no such folder (a model folder is written by `finemem model init --out DIR`, "
+        "`finemem sft` or a checkpoint export)"
+    )
+    assert "config.json missing" in model_folder_problem(tmp_path)
+    assert sft_cli(["--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().out.strip() == f"finemem sft --model: {model_folder_problem(tmp_path)}"
+    assert rollout_main(["--model", str(tmp_path), "--episodes", "1", "--out", str(tmp_path / "e.jsonl")]) == 2
+    assert capsys.readouterr().out.strip() == f"finemem rollout --model: {model_folder_problem(tmp_path)}"
+    (tmp_path / "config.json").write_text("{}")
+    assert model_folder_problem(tmp_path) is None
 
 
 def test_model_or_tiny_uses_an_existing_folder_else_builds_one(cfg, tmp_path):

@@ -272,3 +272,24 @@ def test_number_aliases():
     )
     assert gold_aliases("58") == ["58", "fifty-eight"]
     assert gold_aliases("tango") == ["tango"]
+
+
+def test_prepare_data_writes_the_seeded_files_once_and_names_a_stale_count(tmp_path, capsys):
+    """The demo's data step: generated when missing, reused when present; a file holding another count
+    (an earlier preset's) is kept but named, since the demo then evaluates fewer instances than it says."""
+    from finemem.config import load_config
+    from finemem.data.readers import load_instances
+    from learner.prepare import prepare_data
+
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    cfg = load_config([f"data.train_path={train}", f"data.eval_path={held}", "data.synth_train_instances=3",
+                       "data.synth_eval_instances=2"])
+    assert prepare_data(cfg, "data") == (train, held)
+    assert [i.instance_id for i in load_instances(held)] == [
+        i.instance_id for i in generate_instances(2, cfg.data.synth_eval_seed, cfg.data)
+    ]
+    assert "NOTE" not in capsys.readouterr().out
+    cfg.data.synth_eval_instances = 4
+    prepare_data(cfg, "data")
+    assert f"NOTE: {held} holds 2 instances, the config asks 4; delete it to regenerate" in capsys.readouterr().out
+    assert len(load_instances(held)) == 2  # never overwritten

@@ -36,6 +36,9 @@ _STORE_PREFIX = {"semantic": "s", "episodic": "e"}
 
 # The reason of the invalid op a rollout adds for a response cut by the token limit (`rollout.episode`).
 TRUNCATED_REASON = "response hit the token limit"
+# The start of the reason of the one invalid op of a step whose prompt does not fit the manager's
+# context (`rollout.episode`: no request is sent; the harness counts these steps as not prompted).
+PROMPT_TOO_LONG_REASON = "prompt does not fit"
 
 # Refusal reason (its start, as written by the memories here and `rollout.episode`) -> a short kind,
 # first match wins. Kinds group what a warm start or a reward has to fix: bad syntax, wrong
@@ -51,6 +54,7 @@ _REFUSAL_KINDS = (
     ("exact duplicate", "duplicate"),
     ("new_content is identical", "unchanged_update"),
     (TRUNCATED_REASON, "truncated"),
+    (PROMPT_TOO_LONG_REASON, "prompt_too_long"),
 )
 
 

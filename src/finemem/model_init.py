@@ -184,6 +184,21 @@ def init_model(out_dir: str | Path, model_cfg, texts: Iterable[str]) -> Path:
     return out
 
 
+def model_folder_problem(path: str | Path) -> str | None:
+    """Why `path` is not a loadable Hugging Face model folder, in words, or None when it is one.
+
+    One wording for every command that takes a model folder (sft, rollout, eval, ablation, the
+    train preflight), each adding only what it was asked and how to get a folder.
+    """
+    path = Path(path)
+    hint = "a model folder is written by `finemem model init --out DIR`, `finemem sft` or a checkpoint export"
+    if not path.is_dir():
+        return f"{path}: no such folder ({hint})"
+    if not (path / "config.json").is_file():
+        return f"{path}: not a Hugging Face model folder, config.json missing ({hint})"
+    return None
+
+
 def model_or_tiny(model_dir: str | Path, cfg) -> tuple[Path, Any]:
     """`model_dir` when it holds a model, else a random-init tiny policy built in a temporary folder.
 

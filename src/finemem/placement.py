@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from finemem.config import ConfigError
+from finemem.model_init import model_folder_problem
 
 # learner/answerer_server.py reserves one CPU (and cluster.answerer_gpus GPUs) for `vllm serve`.
 ANSWERER_NUM_CPUS = 1.0
@@ -144,11 +144,9 @@ def validate(cfg, cluster: ClusterResources | None = None) -> list[str]:
     if cfg.rollout.group_size < 2:
         problems.append(f"rollout.group_size={cfg.rollout.group_size}: GRPO needs at least 2 rollouts per "
                         "instance; set rollout.group_size=2 or more (8 in the paper)")
-    model_path = Path(cfg.model.path)
-    if not (model_path / "config.json").is_file():
-        problems.append(f"model.path={cfg.model.path}: no Hugging Face model folder there (config.json missing); "
-                        "build the tiny policy with `finemem model init --out DIR` or point model.path at a local "
-                        "checkout of the model")
+    model_problem = model_folder_problem(cfg.model.path)
+    if model_problem:
+        problems.append(f"model.path={model_problem}, or point model.path at a local checkout of the model")
     if cfg.algo.advantage not in ("step_group", "pooled", "outcome"):
         problems.append(f"algo.advantage={cfg.algo.advantage}: choose step_group, pooled or outcome")
     if cfg.reward.preset not in ("finemem", "outcome_only", "csr_only", "eara_only", "memalpha"):
