@@ -303,8 +303,11 @@ def main() -> int:
     python = ensure_trl_env(args.trl_env)
     if args.setup_only:
         return 0
-    if not (args.model / "config.json").is_file():
-        raise SystemExit(f"no policy at {args.model}: run `make demo` first or pass --model DIR")
+    from finemem.model_init import model_folder_problem
+
+    problem = model_folder_problem(args.model)
+    if problem:
+        raise SystemExit(f"bench/peer_trl.py --model: {problem}; `make demo` writes artifacts/sft-model")
     if args.steps < 2:
         raise SystemExit("--steps must be >= 2 (rates are measured from the end of step 1)")
 

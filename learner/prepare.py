@@ -40,11 +40,11 @@ def prepare_data(cfg, title: str) -> tuple[Path, Path]:
 
     stage(title)
     train_path, eval_path = Path(cfg.data.train_path), Path(cfg.data.eval_path)
-    if not train_path.is_file():
-        write_jsonl(generate_instances(cfg.data.synth_train_instances, cfg.data.synth_train_seed, cfg.data), train_path)
-    if not eval_path.is_file():
-        write_jsonl(generate_instances(cfg.data.synth_eval_instances, cfg.data.synth_eval_seed, cfg.data), eval_path)
-    for path, want in ((train_path, cfg.data.synth_train_instances), (eval_path, cfg.data.synth_eval_instances)):
+    for path, want, seed in ((train_path, cfg.data.synth_train_instances, cfg.data.synth_train_seed),
+                             (eval_path, cfg.data.synth_eval_instances, cfg.data.synth_eval_seed)):
+        if not path.is_file():
+            write_jsonl(generate_instances(want, seed, cfg.data), path)
+            continue
         with open(path, encoding="utf-8") as f:
             have = sum(1 for line in f if line.strip())
         if have != want:  # kept from an earlier run or preset: say so, never overwrite a user's file

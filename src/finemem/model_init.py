@@ -208,7 +208,7 @@ def model_or_tiny(model_dir: str | Path, cfg) -> tuple[Path, Any]:
     import tempfile
 
     model_dir = Path(model_dir)
-    if (model_dir / "config.json").is_file():
+    if model_folder_problem(model_dir) is None:
         return model_dir, None
     tmp = tempfile.TemporaryDirectory(prefix="finemem-bench-")
     print(f"no model at {model_dir}: building a random-init tiny policy in {tmp.name}")
